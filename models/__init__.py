@@ -1,0 +1,1 @@
+"""Torch-free model contract shared by the service and training: spec, preprocessing, ONNX artifacts, registry."""

@@ -1,0 +1,345 @@
+"""Image bytes to network input: the one preprocessing path shared by training and the service.
+
+Training's evaluation path and the HTTP service both call :func:`preprocess`, so a model sees
+exactly the same tensor for the same file wherever it runs. :func:`decode_image` turns untrusted
+bytes into an RGB :class:`PIL.Image.Image` (pixel-count limit checked before any pixel is
+decoded, EXIF orientation applied, every Pillow mode converted to RGB with its real meaning);
+:func:`preprocess_image` then reproduces timm's centre-crop eval transform (torchvision
+``Resize(int)`` + ``CenterCrop`` + ``ToTensor`` + ``Normalize``) with numpy and Pillow only, so
+the service needs no torch. Failures raise :class:`~models.errors.ImageDecodeError` or
+:class:`~models.errors.ImageTooLargeError`, which the service maps to 4xx responses.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import ExifTags, Image, UnidentifiedImageError
+
+from models.errors import ImageDecodeError, ImageTooLargeError, InputError
+from models.spec import PreprocessConfig
+
+logger = logging.getLogger(__name__)
+
+#: Default pixel-count limit for one decoded image (about a 7300 x 5500 photo).
+DEFAULT_MAX_PIXELS = 40_000_000
+
+#: Formats :func:`decode_image` accepts. Pillow would otherwise try every plugin it has on
+#: untrusted bytes, including EPS (which shells out to Ghostscript) and rarely used decoders
+#: with a history of CVEs; photos and screenshots come in these. (Multi-picture JPEGs from
+#: phones, MPO, are opened by the JPEG plugin; naming "MPO" here would make Image.open raise.)
+SUPPORTED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "GIF", "WEBP", "AVIF", "BMP", "TIFF", "PPM")
+
+# Our own limit (checked on the header size in decode_image) replaces Pillow's global
+# MAX_IMAGE_PIXELS guard. Left in place, Pillow's check would fire first and refuse images that
+# a configured max_pixels above its default (~89 M) allows, and toggling the global around each
+# open would race between threads. Set once, here, at import.
+Image.MAX_IMAGE_PIXELS = None
+
+_RESAMPLE: dict[str, Image.Resampling] = {
+    # The same PIL filters torchvision's InterpolationMode maps to for PIL images.
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+# EXIF orientation -> the transpose that displays the image upright (as ImageOps.exif_transpose).
+_EXIF_TRANSPOSE: dict[int, Image.Transpose] = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+_GREY16_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
+_PREMULTIPLIED_MODES = frozenset({"La", "RGBa"})
+
+# A 1 x 100000 strip is a few hundred bytes as a PNG but would resize to 256 x 25.6 M pixels.
+# When the resized image would exceed both bounds below, only the crop window is resampled.
+# Everything else (any aspect ratio up to 16:1, and more for small crops) takes the full
+# resize, which is bit-exact with torchvision.
+_FULL_RESIZE_MAX_PIXELS = 4 * 1024 * 1024
+_FULL_RESIZE_MAX_ASPECT = 16
+
+
+def load_image_bytes(path: str | os.PathLike[str]) -> bytes:
+    """Read an image file's bytes (decoding is :func:`decode_image`'s job)."""
+    return Path(path).read_bytes()
+
+
+def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode untrusted image bytes into an upright RGB image.
+
+    The pixel count in the header is checked against ``max_pixels`` before any pixel data is
+    decoded. Multi-frame files (GIF, TIFF, APNG, MPO) yield their first frame. EXIF orientation
+    is applied; an unreadable or nonsensical orientation leaves the image as stored.
+
+    Raises:
+        ImageDecodeError: empty, unrecognised, corrupt or truncated data, or an unconvertible mode.
+        ImageTooLargeError: more than ``max_pixels`` pixels.
+        ValueError: ``max_pixels`` is not positive.
+    """
+    if max_pixels < 1:
+        raise ValueError(f"max_pixels must be positive, got {max_pixels}")
+    if not data:
+        raise ImageDecodeError("the image is empty (0 bytes); send the file's contents")
+
+    try:
+        image = Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS)
+    except UnidentifiedImageError as exc:
+        raise ImageDecodeError(
+            f"not a recognised image ({len(data):,} bytes starting {data[:16]!r}); "
+            f"supported formats: {', '.join(SUPPORTED_FORMATS)}"
+        ) from exc
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        # Only reachable if something reset Image.MAX_IMAGE_PIXELS after our import (a warning
+        # arrives here as an exception under warnings filter "error").
+        raise ImageTooLargeError(f"image refused as too large: {exc}") from exc
+    except MemoryError:
+        raise
+    except Exception as exc:
+        # Plugins raise a zoo of types (SyntaxError, OSError, struct.error, ...) on malformed
+        # headers; all of them mean the same thing to a caller.
+        raise ImageDecodeError(f"the image header is corrupt: {exc}") from exc
+
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ImageTooLargeError(
+            f"image is {width}x{height} = {width * height:,} pixels; "
+            f"the limit is {max_pixels:,} pixels"
+        )
+    if width < 1 or height < 1:
+        raise ImageDecodeError(f"image has no pixels ({width}x{height})")
+    try:
+        # Force the full decode now so corruption and truncation surface here, as
+        # ImageDecodeError, rather than later in resize.
+        image.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageTooLargeError(f"image refused as too large: {exc}") from exc
+    except MemoryError:
+        raise
+    except Exception as exc:
+        raise ImageDecodeError(
+            f"the {image.format} image ({width}x{height}) is corrupt or truncated: {exc}"
+        ) from exc
+    upright = _apply_exif_orientation(image)
+    return to_rgb(upright)
+
+
+def _apply_exif_orientation(image: Image.Image) -> Image.Image:
+    """Return ``image`` rotated/flipped as its EXIF (or XMP) orientation asks.
+
+    Same mapping as ImageOps.exif_transpose, without its metadata rewriting (we keep pixels
+    only) or its full copy of every image that needs no transpose.
+    """
+    try:
+        orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+    except MemoryError:
+        raise
+    except Exception as exc:
+        # Garbage EXIF must not make an otherwise good photo unusable.
+        logger.warning("ignoring unreadable EXIF data (%s: %s)", type(exc).__name__, exc)
+        return image
+    method = _EXIF_TRANSPOSE.get(orientation) if isinstance(orientation, int) else None
+    if method is None:
+        if orientation != 1:
+            logger.warning("ignoring invalid EXIF orientation %r", orientation)
+        return image
+    return image.transpose(method)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB, keeping what the pixel values mean.
+
+    Transparency (alpha bands, palette alpha, a ``transparency`` key) is composited onto white.
+    16-bit greyscale is scaled from 0..65535 to 0..255 (Pillow's own ``convert`` clips it).
+    Float (``F``) images in 0..1 are scaled to 0..255; otherwise taken as 0..255 and clipped.
+
+    Raises:
+        ImageDecodeError: the mode has no conversion to RGB.
+    """
+    mode = image.mode
+    if mode == "RGB" and "transparency" not in image.info:
+        return image
+    if mode in _GREY16_MODES:
+        return _grey16_to_rgb(image)
+    if mode == "F":
+        return _float_to_rgb(image)
+    if mode in _PREMULTIPLIED_MODES:
+        return _premultiplied_to_rgb(image)
+    try:
+        if image.has_transparency_data:
+            return _composite_on_white(image.convert("RGBA"))
+        return image.convert("RGB")
+    except ValueError as exc:
+        raise ImageDecodeError(f"cannot convert image mode {mode!r} to RGB: {exc}") from exc
+
+
+def _composite_on_white(rgba: Image.Image) -> Image.Image:
+    background = Image.new("RGB", rgba.size, (255, 255, 255))
+    background.paste(rgba, mask=rgba.getchannel("A"))
+    return background
+
+
+def _grey16_to_rgb(image: Image.Image) -> Image.Image:
+    # Pillow decodes 16-bit greyscale PNG/TIFF/PGM to I;16* (older versions: I). Mode I can
+    # also hold 32-bit TIFF data; values outside the 16-bit range are clipped.
+    values = np.asarray(image).astype(np.int64)
+    if image.mode == "I":
+        values = np.clip(values, 0, 65535)
+    # Round to nearest: 65535 -> 255, 32768 -> 128 (never a tie: 257 is odd).
+    grey = Image.fromarray(((values + 128) // 257).astype(np.uint8), mode="L")
+    transparent = image.info.get("transparency")
+    if isinstance(transparent, int):
+        alpha = np.where(np.asarray(image) == transparent, 0, 255).astype(np.uint8)
+        rgba = Image.merge("RGBA", (grey, grey, grey, Image.fromarray(alpha, mode="L")))
+        return _composite_on_white(rgba)
+    return grey.convert("RGB")
+
+
+def _float_to_rgb(image: Image.Image) -> Image.Image:
+    values = np.nan_to_num(np.asarray(image, dtype=np.float32), nan=0.0, posinf=255.0, neginf=0.0)
+    if values.size and values.min() >= 0.0 and values.max() <= 1.0:
+        # Float images from scientific tools are normalised to 0..1; Pillow's own convert
+        # would turn those all but black.
+        values = values * 255.0
+    grey = np.clip(np.rint(values), 0, 255).astype(np.uint8)
+    return Image.fromarray(grey, mode="L").convert("RGB")
+
+
+def _premultiplied_to_rgb(image: Image.Image) -> Image.Image:
+    # Pillow cannot convert La at all; for both, compositing premultiplied colour over white
+    # is just colour + (255 - alpha), exact in integers.
+    pixels = np.asarray(image).astype(np.int16)
+    colour, alpha = pixels[..., :-1], pixels[..., -1:]
+    rgb = np.broadcast_to(colour + (255 - alpha), (*pixels.shape[:2], 3))
+    return Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8), mode="RGB")
+
+
+def _centre_crop_origin(size: int, crop: int) -> int:
+    """Top (or left) of torchvision's CenterCrop window; negative where it pads with zeros."""
+    if crop > size:
+        return -((crop - size) // 2)
+    return int(round((size - crop) / 2.0))
+
+
+def _resize_and_crop(image: Image.Image, config: PreprocessConfig) -> Image.Image:
+    """torchvision Resize(resize_size) then CenterCrop(input_size), on a PIL image."""
+    width, height = image.size
+    short, long = (width, height) if width <= height else (height, width)
+    new_short = config.resize_size
+    new_long = int(new_short * long / short)
+    new_w, new_h = (new_short, new_long) if width <= height else (new_long, new_short)
+
+    crop = config.input_size
+    left = _centre_crop_origin(new_w, crop)
+    top = _centre_crop_origin(new_h, crop)
+    resample = _RESAMPLE[config.interpolation]
+
+    budget = max(_FULL_RESIZE_MAX_PIXELS, _FULL_RESIZE_MAX_ASPECT * new_short * new_short)
+    if new_w * new_h <= budget:
+        resized = image if (new_w, new_h) == (width, height) else image.resize(
+            (new_w, new_h), resample
+        )
+        # PIL fills the part of a crop box outside the image with zeros, which is exactly
+        # torchvision's zero padding when the image is smaller than the crop.
+        return resized.crop((left, top, left + crop, top + crop))
+
+    # Extreme aspect ratio: resample only the crop window, in source coordinates. Pillow's
+    # filter still reads source pixels outside the box, but its filter positions and
+    # fixed-point weights come out slightly differently, so pixels may differ from
+    # crop-after-resize by a few levels (nearest: by one source pixel). Such images are far
+    # from anything trained on; bounded memory matters more for them than bit-exactness.
+    scale_x, scale_y = width / new_w, height / new_h
+    x0, y0 = max(left, 0), max(top, 0)
+    x1, y1 = min(left + crop, new_w), min(top + crop, new_h)
+    window = image.resize(
+        (x1 - x0, y1 - y0),
+        resample,
+        box=(x0 * scale_x, y0 * scale_y, x1 * scale_x, y1 * scale_y),
+    )
+    if (x0, y0, x1, y1) == (left, top, left + crop, top + crop):
+        return window
+    padded = Image.new("RGB", (crop, crop), (0, 0, 0))
+    padded.paste(window, (x0 - left, y0 - top))
+    return padded
+
+
+@functools.lru_cache(maxsize=32)
+def _normalise_table(
+    mean: tuple[float, float, float], std: tuple[float, float, float]
+) -> np.ndarray:
+    """(3, 256) float32: normalised value of each 8-bit level, per channel.
+
+    Computed as ToTensor + Normalize do, in float32: (v / 255 - mean) / std, so a lookup gives
+    torchvision's values with one gather instead of three passes over a float image.
+    """
+    levels = np.arange(256, dtype=np.float32) / np.float32(255.0)
+    mean_arr = np.asarray(mean, dtype=np.float32)[:, None]
+    std_arr = np.asarray(std, dtype=np.float32)[:, None]
+    table = (levels[None, :] - mean_arr) / std_arr
+    table.setflags(write=False)
+    return table
+
+
+def _preprocess_into(image: Image.Image, config: PreprocessConfig, out: np.ndarray) -> None:
+    if image.width < 1 or image.height < 1:
+        raise ImageDecodeError(f"image has no pixels ({image.width}x{image.height})")
+    if image.mode != "RGB" or "transparency" in image.info:
+        image = to_rgb(image)
+    pixels = np.asarray(_resize_and_crop(image, config))  # (H, W, 3) uint8
+    table = _normalise_table(config.mean, config.std)
+    for channel in range(3):
+        # mode="clip" lets take() write straight into `out` (indices are 0..255 anyway).
+        np.take(table[channel], pixels[:, :, channel], out=out[channel], mode="clip")
+
+
+def preprocess_image(image: Image.Image, config: PreprocessConfig) -> np.ndarray:
+    """Resize, centre-crop and normalise an image as timm's eval transform does.
+
+    Returns a C-contiguous float32 array of shape (3, input_size, input_size). Non-RGB images
+    are converted with :func:`to_rgb` first.
+    """
+    size = config.input_size
+    out = np.empty((3, size, size), dtype=np.float32)
+    _preprocess_into(image, config, out)
+    return out
+
+
+def preprocess(
+    data: bytes, config: PreprocessConfig, *, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> np.ndarray:
+    """Decode image bytes and return the network input, float32 (3, input_size, input_size)."""
+    return preprocess_image(decode_image(data, max_pixels=max_pixels), config)
+
+
+def preprocess_batch(
+    items: Sequence[bytes], config: PreprocessConfig, *, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> np.ndarray:
+    """Preprocess several images into one float32 (N, 3, input_size, input_size) batch.
+
+    Raises:
+        ValueError: ``items`` is empty.
+        ImageDecodeError, ImageTooLargeError: for the first bad item; the message starts with
+            ``"image <index>: "``.
+    """
+    if len(items) == 0:
+        raise ValueError("preprocess_batch needs at least one image")
+    size = config.input_size
+    batch = np.empty((len(items), 3, size, size), dtype=np.float32)
+    for index, data in enumerate(items):
+        try:
+            _preprocess_into(decode_image(data, max_pixels=max_pixels), config, batch[index])
+        except InputError as exc:
+            raise type(exc)(f"image {index}: {exc}") from exc
+    return batch

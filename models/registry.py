@@ -1,0 +1,315 @@
+"""The versioned model registry, built on BentoML's model store.
+
+Each version is a BentoML model ``transfer-serve:vN`` in ``$TRANSFER_SERVE_HOME/bentoml/models``
+holding ``model.onnx``, ``spec.json``, ``metrics.json``, ``version.json`` (parent, dataset
+fingerprint, creation time, training details), the training set's embeddings and targets
+(``embeddings.npy``, ``embedding_targets.npy``), the report (``report/``) and ``manifest.json``
+(sha256 of every file). A version counts only once its ``COMPLETE`` marker exists, which is
+written after everything else, so a crash mid-write never leaves a usable half-version. The
+active version is a pointer file replaced atomically (write to a temporary file, then rename).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import ModelError, VersionNotFoundError
+from .onnx_io import check_onnx_contract
+from .spec import SPEC_FILENAME, ModelSpec
+
+os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")  # no usage analytics from a private service
+
+log = logging.getLogger(__name__)
+
+MODEL_NAME = "transfer-serve"
+ONNX_FILENAME = "model.onnx"
+METRICS_FILENAME = "metrics.json"
+INFO_FILENAME = "version.json"
+EMBEDDINGS_FILENAME = "embeddings.npy"
+TARGETS_FILENAME = "embedding_targets.npy"
+MANIFEST_FILENAME = "manifest.json"
+COMPLETE_MARKER = "COMPLETE"
+REPORT_DIRNAME = "report"
+_VERSION_RE = re.compile(r"^v(\d+)$")
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON so readers see the old file or the new one, never a torn one."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh, indent=2, sort_keys=True)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    """One stored, complete model version (read-only view of its directory)."""
+
+    version: str
+    path: Path
+
+    @property
+    def onnx_path(self) -> Path:
+        return self.path / ONNX_FILENAME
+
+    @property
+    def report_dir(self) -> Path:
+        return self.path / REPORT_DIRNAME
+
+    @cached_property
+    def spec(self) -> ModelSpec:
+        try:
+            return ModelSpec.from_json((self.path / SPEC_FILENAME).read_bytes())
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"version {self.version}: unreadable spec ({exc})") from exc
+
+    @cached_property
+    def info(self) -> dict[str, Any]:
+        return _read_json(self.path / INFO_FILENAME, self.version)
+
+    @cached_property
+    def metrics(self) -> dict[str, Any]:
+        return _read_json(self.path / METRICS_FILENAME, self.version)
+
+    @property
+    def number(self) -> int:
+        return _version_number(self.version)
+
+    def training_embeddings(self) -> tuple[np.ndarray, np.ndarray]:
+        """The training set's embeddings (N, D) float32 and targets (N,) int64, indices into
+        ``spec.labels``. Loaded without pickle."""
+        embeddings = np.load(self.path / EMBEDDINGS_FILENAME, allow_pickle=False)
+        targets = np.load(self.path / TARGETS_FILENAME, allow_pickle=False)
+        return embeddings, targets
+
+    def verify(self) -> None:
+        """Raise :class:`ModelError` if any file differs from the manifest or the ONNX graph does
+        not match the spec. Run before a version is made active."""
+        manifest = _read_json(self.path / MANIFEST_FILENAME, self.version)
+        for name, expected in manifest["files"].items():
+            file = self.path / name
+            if not file.is_file():
+                raise ModelError(f"version {self.version}: {name} is missing")
+            if sha256_file(file) != expected:
+                raise ModelError(f"version {self.version}: {name} is corrupted (checksum mismatch)")
+        check_onnx_contract(self.onnx_path, self.spec)
+
+    def summary(self) -> dict[str, Any]:
+        info = self.info
+        return {
+            "version": self.version,
+            "created_at": info.get("created_at"),
+            "parent": info.get("parent"),
+            "strategy": info.get("details", {}).get("strategy"),
+            "backbone": self.spec.backbone,
+            "labels": list(self.spec.labels),
+            "metrics": self.metrics,
+        }
+
+
+def _read_json(path: Path, version: str) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"version {version}: unreadable {path.name} ({exc})") from exc
+
+
+def _version_number(version: str) -> int:
+    match = _VERSION_RE.match(version)
+    if not match:
+        raise VersionNotFoundError(f"'{version}' is not a version name (versions look like v1, v2, ...)")
+    return int(match.group(1))
+
+
+class ModelRegistry:
+    """Model versions and the active pointer under one state directory."""
+
+    def __init__(self, home: str | os.PathLike[str]) -> None:
+        from bentoml._internal.models import ModelStore  # the store class bentoml.models uses
+
+        self.home = Path(home)
+        self.store_path = self.home / "bentoml" / "models"
+        self.store_path.mkdir(parents=True, exist_ok=True)
+        self._store = ModelStore(self.store_path)
+        self._pointer = self.home / "active_version.json"
+        self._lock_path = self.home / ".registry.lock"
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def _version_dirs(self) -> Iterator[tuple[str, Path]]:
+        root = self.store_path / MODEL_NAME
+        if not root.is_dir():
+            return
+        for child in root.iterdir():
+            if child.is_dir() and _VERSION_RE.match(child.name):
+                yield child.name, child
+
+    def versions(self) -> list[ModelVersion]:
+        """Complete versions, oldest first."""
+        found = [
+            ModelVersion(name, path)
+            for name, path in self._version_dirs()
+            if (path / COMPLETE_MARKER).is_file()
+        ]
+        return sorted(found, key=lambda v: v.number)
+
+    def get(self, version: str) -> ModelVersion:
+        _version_number(version)
+        path = self.store_path / MODEL_NAME / version
+        if not (path / COMPLETE_MARKER).is_file():
+            known = ", ".join(v.version for v in self.versions()) or "none"
+            raise VersionNotFoundError(f"no model version '{version}' (known versions: {known})")
+        return ModelVersion(version, path)
+
+    def is_empty(self) -> bool:
+        return not self.versions()
+
+    def active_version(self) -> str | None:
+        try:
+            return json.loads(self._pointer.read_text())["version"]
+        except FileNotFoundError:
+            return None
+        except (ValueError, KeyError) as exc:
+            raise ModelError(f"active pointer {self._pointer} is unreadable ({exc})") from exc
+
+    def active(self) -> ModelVersion | None:
+        version = self.active_version()
+        return self.get(version) if version else None
+
+    # -- writing ------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.home.mkdir(parents=True, exist_ok=True)
+        with self._lock_path.open("a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def activate(self, version: str) -> ModelVersion:
+        """Verify ``version`` and make it the active one (atomic pointer swap)."""
+        target = self.get(version)
+        target.verify()
+        with self._locked():
+            write_json_atomic(
+                self._pointer,
+                {"version": version, "activated_at": datetime.now(timezone.utc).isoformat()},
+            )
+        log.info("active model version is now %s", version)
+        return target
+
+    def register(
+        self,
+        *,
+        onnx_file: Path,
+        spec: ModelSpec,
+        metrics: Mapping[str, Any],
+        embeddings: np.ndarray,
+        embedding_targets: np.ndarray,
+        parent: str | None,
+        dataset_fingerprint: str | None,
+        details: Mapping[str, Any] | None = None,
+        report_dir: Path | None = None,
+        activate: bool = False,
+    ) -> ModelVersion:
+        """Store a new version and return it; make it active if asked or if it is the first.
+
+        The ONNX file is checked against the spec first: nothing is stored if they disagree.
+        """
+        import bentoml
+
+        check_onnx_contract(onnx_file, spec)
+        embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
+        embedding_targets = np.ascontiguousarray(embedding_targets, dtype=np.int64)
+        if embeddings.ndim != 2 or (len(embeddings) and embeddings.shape[1] != spec.embedding_size):
+            raise ModelError(
+                f"embeddings must be (N, {spec.embedding_size}), got {embeddings.shape}"
+            )
+        if embedding_targets.shape != (len(embeddings),):
+            raise ModelError("embedding targets must have one entry per embedding")
+        if len(embedding_targets) and (
+            embedding_targets.min() < 0 or embedding_targets.max() >= spec.num_classes
+        ):
+            raise ModelError("embedding targets must index into the spec's labels")
+
+        with self._locked():
+            numbers = [_version_number(name) for name, _ in self._version_dirs()]
+            version = f"v{max(numbers, default=0) + 1}"
+            created_at = datetime.now(timezone.utc).isoformat()
+            info = {
+                "version": version,
+                "created_at": created_at,
+                "parent": parent,
+                "dataset_fingerprint": dataset_fingerprint,
+                "details": dict(details or {}),
+            }
+            with bentoml.models.create(
+                f"{MODEL_NAME}:{version}",
+                labels={"parent": parent or "none", "backbone": spec.backbone},
+                metadata={"num_classes": spec.num_classes, "dataset_fingerprint": dataset_fingerprint or ""},
+                _model_store=self._store,
+            ) as bento_model:
+                staging = Path(bento_model.path)
+                shutil.copyfile(onnx_file, staging / ONNX_FILENAME)
+                (staging / SPEC_FILENAME).write_text(spec.to_json())
+                (staging / METRICS_FILENAME).write_text(json.dumps(dict(metrics), indent=2))
+                (staging / INFO_FILENAME).write_text(json.dumps(info, indent=2))
+                np.save(staging / EMBEDDINGS_FILENAME, embeddings, allow_pickle=False)
+                np.save(staging / TARGETS_FILENAME, embedding_targets, allow_pickle=False)
+                if report_dir is not None:
+                    shutil.copytree(report_dir, staging / REPORT_DIRNAME)
+                files = {
+                    str(p.relative_to(staging)): sha256_file(p)
+                    for p in sorted(staging.rglob("*"))
+                    if p.is_file() and p.name != "model.yaml"
+                }
+                (staging / MANIFEST_FILENAME).write_text(json.dumps({"files": files}, indent=2))
+            final = self.store_path / MODEL_NAME / version
+            _fsync_tree(final)
+            (final / COMPLETE_MARKER).write_text(created_at + "\n")
+        stored = ModelVersion(version, final)
+        log.info("registered model version %s (%d labels)", version, spec.num_classes)
+        if activate or self.active_version() is None:
+            self.activate(version)
+        return stored
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush a freshly written version to disk before it is marked complete."""
+    for path in root.rglob("*"):
+        if path.is_file():
+            with path.open("rb") as fh:
+                os.fsync(fh.fileno())

@@ -1,0 +1,1 @@
+"""Training: backbones, datasets, transfer-learning strategies, reports, ONNX export, CLI."""

@@ -1,0 +1,133 @@
+"""Command-line interface: ``python -m training {bootstrap,fit,evaluate,models}``.
+
+Progress bars and logs go to stderr; results go to stdout. With ``--json`` the output ends with
+one JSON object (``version`` and ``metrics`` for ``fit``), so scripts can read the last line.
+Exit status: 0 success, 2 bad input (data, arguments, unknown version), 1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from models.errors import InputError, TransferServeError, VersionNotFoundError
+from models.paths import state_home
+from models.registry import ModelRegistry
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m training", description=__doc__.splitlines()[0])
+    parser.add_argument("--home", help="state directory (default: $TRANSFER_SERVE_HOME or ~/.transfer-serve)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    boot = sub.add_parser("bootstrap", help="register the pretrained ImageNet classifier if the store is empty")
+    boot.add_argument("--force", action="store_true", help="register it even if versions exist")
+    boot.add_argument("--json", action="store_true")
+
+    fit = sub.add_parser("fit", help="train, export, verify and register a version")
+    fit.add_argument("--data", required=True, type=Path, help="labelled folder (one subfolder per class) or CSV manifest (path,label)")
+    fit.add_argument("--strategy", choices=["head", "finetune"], default="head",
+                     help="head: frozen backbone, linear head on embeddings (fast); "
+                          "finetune: the whole network at a low learning rate")
+    fit.add_argument("--backbone", default="efficientnet_lite0", help="timm model name (default works offline)")
+    fit.add_argument("--checkpoint", type=Path, help="local state dict for the backbone's weights")
+    fit.add_argument("--epochs", type=int, help="fine-tuning epochs (finetune; default 6)")
+    fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--val-fraction", type=float, default=0.2, help="held-out share of each class")
+    fit.add_argument("--activate", action="store_true", help="make the new version active")
+    fit.add_argument("--json", action="store_true")
+
+    ev = sub.add_parser("evaluate", help="metrics of a version on a labelled folder")
+    ev.add_argument("--version", required=True)
+    ev.add_argument("--data", required=True, type=Path)
+    ev.add_argument("--report-dir", type=Path, help="also write report.json/.md and plots here")
+    ev.add_argument("--json", action="store_true")
+
+    ls = sub.add_parser("models", help="list versions, their metrics, and which is active")
+    ls.add_argument("--json", action="store_true")
+    return parser
+
+
+def _emit(obj: Any) -> None:
+    print(json.dumps(obj, default=str))
+
+
+def _describe_metrics(metrics: dict[str, Any]) -> str:
+    from .report import format_metrics_table
+
+    return format_metrics_table(metrics) if "accuracy" in metrics else metrics.get("note", "")
+
+
+def run(args: argparse.Namespace) -> int:
+    registry = ModelRegistry(state_home(args.home))
+    quiet = getattr(args, "json", False)
+    if args.command == "bootstrap":
+        from .pipeline import bootstrap
+
+        version = bootstrap(registry, force=args.force)
+        active = registry.active_version()
+        if args.json:
+            _emit({"version": version.version if version else None, "active": active, "created": version is not None})
+        elif version is None:
+            print(f"store at {registry.home} already has versions; active: {active}")
+        else:
+            print(f"registered {version.version} (pretrained ImageNet classifier); active: {active}")
+    elif args.command == "fit":
+        from .pipeline import FitOptions, fit
+
+        options = FitOptions(
+            strategy=args.strategy, backbone=args.backbone, checkpoint=args.checkpoint,
+            epochs=args.epochs, seed=args.seed, val_fraction=args.val_fraction,
+            activate=args.activate,
+        )
+        result = fit(args.data, registry, options)
+        if not quiet:
+            print(f"registered {result.version.version} in {result.seconds:.1f}s "
+                  f"(active: {registry.active_version()})")
+            print(_describe_metrics(result.metrics))
+            print(f"report: {result.version.report_dir / 'report.md'}")
+        else:
+            _emit({"version": result.version.version, "active": registry.active_version() == result.version.version,
+                   "seconds": round(result.seconds, 1), "metrics": result.metrics})
+    elif args.command == "evaluate":
+        from .pipeline import evaluate
+
+        metrics = evaluate(registry.get(args.version), args.data, report_dir=args.report_dir, progress=not quiet)
+        _emit(metrics) if args.json else print(_describe_metrics(metrics))
+    elif args.command == "models":
+        active = registry.active_version()
+        rows = [{**v.summary(), "active": v.version == active} for v in registry.versions()]
+        if args.json:
+            for row in rows:
+                row["num_labels"] = len(row["labels"])
+            _emit({"active": active, "versions": rows})
+        elif not rows:
+            print(f"no versions in {registry.home}; run: python -m training bootstrap")
+        else:
+            for row in rows:
+                acc = row["metrics"].get("accuracy")
+                print(f"{'*' if row['active'] else ' '} {row['version']:<6} {row['created_at'][:19]}  "
+                      f"{row['strategy'] or '':<9} {len(row['labels']):>5} labels  "
+                      f"accuracy {'-' if acc is None else f'{acc:.3f}'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr,
+    )
+    try:
+        return run(args)
+    except (InputError, VersionNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except TransferServeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
