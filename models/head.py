@@ -68,7 +68,7 @@ def fit_linear_head(
     counts = np.bincount(y, minlength=num_classes).astype(np.float64)
     present = counts > 0
     if params.balance_classes:
-        sample_weight = (len(y) / (present.sum() * counts))[y]
+        sample_weight = len(y) / (present.sum() * counts[y])
     else:
         sample_weight = np.ones(len(y))
     mean = x.mean(axis=0)

@@ -118,7 +118,7 @@ def finetune(
             loss.backward()
             optimizer.step()
             seen += len(chunk)
-            loss_sum += float(loss) * len(chunk)
+            loss_sum += float(loss.detach()) * len(chunk)
             correct += int((logits.argmax(1) == y).sum())
         val_loss, val_accuracy = _evaluate(model, val_inputs, val_targets, 32)
         result.history.append({

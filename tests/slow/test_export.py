@@ -1,0 +1,100 @@
+"""ONNX export parity: the check passes for a faithful export and fails for an unfaithful one."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from models.errors import ExportError
+from models.onnx_io import check_onnx_contract, cpu_session, run_in_batches
+from models.preprocess import load_image_bytes, preprocess
+from training.backbones import ClassifierWithEmbedding, create_backbone
+from training.export import check_parity, export_onnx
+from tests.conftest import jpeg_files
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory, hymenoptera: Path):
+    backbone = create_backbone()
+    backbone.reset_head(2)
+    photos = jpeg_files(hymenoptera, "ants")[:3] + jpeg_files(hymenoptera, "bees")[:3]
+    inputs = np.stack([preprocess(load_image_bytes(p), backbone.preprocess) for p in photos])
+    path = tmp_path_factory.mktemp("export") / "model.onnx"
+    parity = export_onnx(backbone.model, path, inputs)
+    return backbone, path, inputs, parity
+
+
+def test_export_matches_torch_on_real_photos(exported) -> None:
+    backbone, path, inputs, parity = exported
+    assert parity.images == 6
+    assert parity.max_logit_diff < 1e-4 and parity.top1_agreement == 1.0
+
+
+def test_exported_graph_has_the_contract_and_a_dynamic_batch(exported) -> None:
+    from models.spec import ModelSpec
+
+    backbone, path, inputs, _ = exported
+    spec = ModelSpec(labels=("ants", "bees"), preprocess=backbone.preprocess, backbone=backbone.name,
+                     backbone_fingerprint=backbone.fingerprint(), embedding_size=1280)
+    check_onnx_contract(path, spec)
+    session = cpu_session(path)
+    for batch in (1, 5):
+        logits, embedding = run_in_batches(session, inputs[:batch], batch_size=batch)
+        assert logits.shape == (batch, 2) and embedding.shape == (batch, 1280)
+
+
+def test_parity_check_catches_a_graph_that_differs_from_torch(exported) -> None:
+    backbone, path, inputs, _ = exported
+    wrapper = ClassifierWithEmbedding(backbone.model).eval()
+    with torch.no_grad():
+        backbone.model.get_classifier().bias += 1e-2  # torch now disagrees with the file
+    try:
+        with pytest.raises(ExportError, match="differs from torch"):
+            check_parity(wrapper, path, inputs)
+    finally:
+        with torch.no_grad():
+            backbone.model.get_classifier().bias -= 1e-2
+
+
+def test_export_needs_real_images(exported, tmp_path: Path) -> None:
+    backbone, _, inputs, _ = exported
+    with pytest.raises(ExportError, match="at least two"):
+        export_onnx(backbone.model, tmp_path / "m.onnx", inputs[:1])
+
+
+def test_weights_mapping_fails_loudly_on_mismatch() -> None:
+    import timm
+
+    from training.backbones import BackboneError, _map_state_dict_in_order
+
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    state = dict(model.state_dict())
+    first = next(iter(state))
+    state[first] = torch.zeros(1)
+    with pytest.raises(BackboneError, match="do not fit"):
+        _map_state_dict_in_order(state, model)
+    state.pop(first)
+    with pytest.raises(BackboneError, match="tensors"):
+        _map_state_dict_in_order(state, model)
+
+
+def test_checkpoint_loading_uses_weights_only(tmp_path: Path) -> None:
+    import timm
+
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    with torch.no_grad():
+        model.conv_stem.weight.fill_(0.25)
+    ckpt = tmp_path / "ckpt.pt"
+    torch.save({"state_dict": model.state_dict()}, ckpt)
+    loaded = create_backbone("tf_efficientnet_lite0", checkpoint=ckpt)
+    assert float(loaded.model.conv_stem.weight.detach().mean()) == pytest.approx(0.25)
+    evil = tmp_path / "evil.pt"
+    torch.save({"state_dict": {"x": object()}}, evil)
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        create_backbone("tf_efficientnet_lite0", checkpoint=evil)
