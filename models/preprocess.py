@@ -146,7 +146,7 @@ def _apply_exif_orientation(image: Image.Image) -> Image.Image:
         orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
     except MemoryError:
         raise
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any EXIF parsing failure means the same
         # Garbage EXIF must not make an otherwise good photo unusable.
         logger.warning("ignoring unreadable EXIF data (%s: %s)", type(exc).__name__, exc)
         return image
@@ -197,12 +197,14 @@ def _grey16_to_rgb(image: Image.Image) -> Image.Image:
     values = np.asarray(image).astype(np.int64)
     if image.mode == "I":
         values = np.clip(values, 0, 65535)
-    # Round to nearest: 65535 -> 255, 32768 -> 128 (never a tie: 257 is odd).
-    grey = Image.fromarray(((values + 128) // 257).astype(np.uint8), mode="L")
+    # Round to nearest: 65535 -> 255, 32768 -> 128 (never a tie: 257 is odd). fromarray infers
+    # L from 2-D uint8 (and RGB from (H, W, 3) uint8); its mode argument is deprecated in some
+    # Pillow versions, so it is never passed here.
+    grey = Image.fromarray(((values + 128) // 257).astype(np.uint8))
     transparent = image.info.get("transparency")
     if isinstance(transparent, int):
         alpha = np.where(np.asarray(image) == transparent, 0, 255).astype(np.uint8)
-        rgba = Image.merge("RGBA", (grey, grey, grey, Image.fromarray(alpha, mode="L")))
+        rgba = Image.merge("RGBA", (grey, grey, grey, Image.fromarray(alpha)))
         return _composite_on_white(rgba)
     return grey.convert("RGB")
 
@@ -214,7 +216,7 @@ def _float_to_rgb(image: Image.Image) -> Image.Image:
         # would turn those all but black.
         values = values * 255.0
     grey = np.clip(np.rint(values), 0, 255).astype(np.uint8)
-    return Image.fromarray(grey, mode="L").convert("RGB")
+    return Image.fromarray(grey).convert("RGB")
 
 
 def _premultiplied_to_rgb(image: Image.Image) -> Image.Image:
@@ -223,14 +225,14 @@ def _premultiplied_to_rgb(image: Image.Image) -> Image.Image:
     pixels = np.asarray(image).astype(np.int16)
     colour, alpha = pixels[..., :-1], pixels[..., -1:]
     rgb = np.broadcast_to(colour + (255 - alpha), (*pixels.shape[:2], 3))
-    return Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8), mode="RGB")
+    return Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8))
 
 
 def _centre_crop_origin(size: int, crop: int) -> int:
     """Top (or left) of torchvision's CenterCrop window; negative where it pads with zeros."""
     if crop > size:
         return -((crop - size) // 2)
-    return int(round((size - crop) / 2.0))
+    return round((size - crop) / 2.0)  # Python's round, as torchvision: half to even
 
 
 def _resize_and_crop(image: Image.Image, config: PreprocessConfig) -> Image.Image:
@@ -248,8 +250,8 @@ def _resize_and_crop(image: Image.Image, config: PreprocessConfig) -> Image.Imag
 
     budget = max(_FULL_RESIZE_MAX_PIXELS, _FULL_RESIZE_MAX_ASPECT * new_short * new_short)
     if new_w * new_h <= budget:
-        resized = image if (new_w, new_h) == (width, height) else image.resize(
-            (new_w, new_h), resample
+        resized = (
+            image if (new_w, new_h) == (width, height) else image.resize((new_w, new_h), resample)
         )
         # PIL fills the part of a crop box outside the image with zeros, which is exactly
         # torchvision's zero padding when the image is smaller than the crop.
