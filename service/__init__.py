@@ -1,0 +1,1 @@
+"""BentoML prediction and admin service."""

@@ -1,0 +1,106 @@
+"""onnxruntime execution providers, chosen explicitly.
+
+``auto`` picks CUDA only when a GPU is really usable (the CUDA driver initialises and reports a
+device), not merely because the GPU build of onnxruntime lists the provider: on a CPU-only host
+that build would otherwise try CUDA and log errors. Options are set deliberately rather than left
+to defaults.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+from functools import lru_cache
+from typing import Any
+
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+TENSORRT = "TensorrtExecutionProvider"
+
+ProviderList = list[tuple[str, dict[str, Any]]]
+
+
+class ProviderError(RuntimeError):
+    """The configured provider cannot run on this host."""
+
+
+@lru_cache(maxsize=1)
+def cuda_device_count() -> int:
+    """GPUs the CUDA driver reports; 0 without a driver or device (no exception, no log spam)."""
+    try:
+        libcuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return 0
+    count = ctypes.c_int(0)
+    try:
+        if libcuda.cuInit(0) != 0 or libcuda.cuDeviceGetCount(ctypes.byref(count)) != 0:
+            return 0
+    except AttributeError:
+        return 0
+    return count.value
+
+
+def cuda_options(settings: Settings) -> dict[str, Any]:
+    options: dict[str, Any] = {
+        "device_id": settings.cuda_device_id,
+        # EXHAUSTIVE benchmarks every conv algorithm per new input shape: best steady state but
+        # seconds of stall whenever the batcher forms a new batch size; HEURISTIC is the default.
+        "cudnn_conv_algo_search": settings.cudnn_conv_algo_search,
+        "cudnn_conv_use_max_workspace": "1",
+        # grow the arena by what is asked, not by doubling: batch sizes vary under adaptive batching
+        "arena_extend_strategy": "kSameAsRequested",
+        "do_copy_in_default_stream": "1",
+    }
+    if settings.gpu_mem_limit_mb:
+        options["gpu_mem_limit"] = str(settings.gpu_mem_limit_mb * 1024 * 1024)
+    return options
+
+
+def tensorrt_options(settings: Settings) -> dict[str, Any]:
+    cache = settings.home / "tensorrt-cache"
+    return {
+        "device_id": settings.cuda_device_id,
+        "trt_engine_cache_enable": "True",
+        "trt_engine_cache_path": str(cache),
+        "trt_timing_cache_enable": "True",
+        "trt_timing_cache_path": str(cache),
+    }
+
+
+def select_providers(settings: Settings, available: list[str], gpus: int) -> ProviderList:
+    """The provider list for ``settings.providers``, given what onnxruntime offers and how many
+    GPUs the driver sees. CPU is always last, as the fallback for unsupported nodes."""
+    choice = settings.providers
+    cpu: ProviderList = [(CPU, {})]
+    if choice == "cpu" or (choice == "auto" and not (gpus and CUDA in available)):
+        return cpu
+    if not gpus:
+        raise ProviderError(f"TRANSFER_SERVE_PROVIDERS={choice} but no usable GPU was found")
+    if CUDA not in available:
+        raise ProviderError(f"TRANSFER_SERVE_PROVIDERS={choice} but this onnxruntime has no CUDA provider ({available})")
+    if settings.cuda_device_id >= gpus:
+        raise ProviderError(f"TRANSFER_SERVE_CUDA_DEVICE_ID={settings.cuda_device_id} but only {gpus} GPU(s) present")
+    chosen: ProviderList = [(CUDA, cuda_options(settings))] + cpu
+    if choice == "tensorrt":
+        if TENSORRT not in available:
+            raise ProviderError("TRANSFER_SERVE_PROVIDERS=tensorrt but this onnxruntime has no TensorRT provider")
+        (settings.home / "tensorrt-cache").mkdir(parents=True, exist_ok=True)
+        chosen.insert(0, (TENSORRT, tensorrt_options(settings)))
+    return chosen
+
+
+def session_providers(settings: Settings) -> ProviderList:
+    """Providers for this host: asks onnxruntime and the CUDA driver."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    gpus = cuda_device_count() if CUDA in available else 0
+    chosen = select_providers(settings, available, gpus)
+    if chosen[0][0] != CPU and hasattr(ort, "preload_dlls"):
+        # Load CUDA/cuDNN from the nvidia-* wheels torch installs, so no system CUDA is needed.
+        ort.preload_dlls()
+    return chosen

@@ -1,0 +1,134 @@
+"""The model runtime of an inference worker: the active version's onnxruntime session, kept
+current.
+
+A watcher thread polls the registry's active pointer; when it changes, the new version is
+verified, loaded and warmed up off the request path, then swapped in with one reference
+assignment. A batch runs entirely on the session it started with, so every result names the
+version that produced it and no request ever waits for a model load.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from models.errors import ModelError
+from models.onnx_io import softmax
+from models.registry import ModelRegistry, ModelVersion
+from models.spec import ONNX_INPUT, ONNX_LOGITS, ModelSpec
+
+from .providers import session_providers
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    version: str
+    number: int
+    spec: ModelSpec
+    session: Any  # onnxruntime.InferenceSession
+    providers: tuple[str, ...]
+
+
+class ModelNotLoaded(RuntimeError):
+    """No model version is loaded yet (empty store, or the active one failed to load)."""
+
+
+class ModelRuntime:
+    def __init__(self, settings: Settings, *, poll_seconds: float = 0.5) -> None:
+        self.settings = settings
+        self.registry = ModelRegistry(settings.home)
+        self.poll_seconds = poll_seconds
+        self._loaded: LoadedModel | None = None
+        self._failed_version: str | None = None
+        self._stop = threading.Event()
+        self._watcher: threading.Thread | None = None
+
+    # -- loading ------------------------------------------------------------------------------
+
+    def _session(self, version: ModelVersion) -> LoadedModel:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.settings.intra_op_threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3
+        providers = session_providers(self.settings)
+        session = ort.InferenceSession(
+            str(version.onnx_path), options,
+            providers=[name for name, _ in providers], provider_options=[opts for _, opts in providers],
+        )
+        size = version.spec.preprocess.input_size
+        for batch in sorted({1, min(8, self.settings.max_batch_size)}):  # warm-up
+            session.run([ONNX_LOGITS], {ONNX_INPUT: np.zeros((batch, 3, size, size), np.float32)})
+        return LoadedModel(version.version, version.number, version.spec, session,
+                           tuple(session.get_providers()))
+
+    def refresh(self) -> bool:
+        """Load the active version if it is not the loaded one. True if a new one went live."""
+        try:
+            active = self.registry.active_version()
+        except ModelError as exc:
+            log.error("cannot read the active model pointer: %s", exc)
+            return False
+        current = self._loaded
+        if active is None or (current is not None and current.version == active) or active == self._failed_version:
+            return False
+        started = time.perf_counter()
+        try:
+            version = self.registry.get(active)
+            version.verify()
+            loaded = self._session(version)
+        except Exception as exc:  # any failure here must leave the old model serving
+            self._failed_version = active
+            log.error("could not load model version %s, still serving %s: %s",
+                      active, current.version if current else "nothing", exc)
+            return False
+        self._loaded = loaded  # the swap: one reference assignment
+        self._failed_version = None
+        log.info("serving model version %s (%d labels) on %s; loaded and warmed up in %.2fs",
+                 loaded.version, loaded.spec.num_classes, ", ".join(loaded.providers),
+                 time.perf_counter() - started)
+        return True
+
+    def start(self) -> None:
+        """Load the active version now, then keep watching the pointer in the background."""
+        self.refresh()
+        if self._loaded is None:
+            log.warning("no model version is active in %s yet; run `python -m training bootstrap`."
+                        " Not ready until one is.", self.settings.home)
+        self._watcher = threading.Thread(target=self._watch, name="model-watcher", daemon=True)
+        self._watcher.start()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.poll_seconds):
+            self.refresh()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    # -- serving ------------------------------------------------------------------------------
+
+    @property
+    def loaded(self) -> LoadedModel | None:
+        return self._loaded
+
+    def infer(self, batch: np.ndarray) -> tuple[LoadedModel, np.ndarray]:
+        """Softmax probabilities (N, C) of a preprocessed batch, and the model that made them."""
+        model = self._loaded
+        if model is None:
+            raise ModelNotLoaded("no model version is loaded yet")
+        size = model.spec.preprocess.input_size
+        if batch.ndim != 4 or batch.shape[1:] != (3, size, size):
+            raise ValueError(f"batch shape {batch.shape} does not fit {model.version} (3, {size}, {size})")
+        (logits,) = model.session.run([ONNX_LOGITS], {ONNX_INPUT: np.ascontiguousarray(batch, np.float32)})
+        return model, softmax(logits)

@@ -1,0 +1,132 @@
+"""The BentoML services: ``TransferServe`` (HTTP API: uploads, decoding, preprocessing) and
+``Inference`` (onnxruntime behind BentoML's adaptive batching).
+
+Serve with ``bentoml serve service.service:TransferServe``. The split is what lets both cores
+work: HTTP workers decode and preprocess images in threads while the inference worker runs the
+batches that BentoML's dispatcher forms from all concurrent requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated
+
+import bentoml
+import numpy as np
+from pydantic import Field
+
+from models.errors import InputError
+from models.preprocess import preprocess
+from models.registry import ModelRegistry
+from models.spec import ModelSpec
+
+from .limits import BodySizeLimit
+from .predict import Prediction, RequestError, build_predictions, image_error, read_uploads
+from .settings import get_settings
+
+os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
+log = logging.getLogger("transfer_serve")
+settings = get_settings()
+
+
+@bentoml.service(
+    name="transfer_serve_inference",
+    workers=settings.inference_workers,
+    traffic={"timeout": 60},
+)
+class Inference:
+    """Runs preprocessed batches through the active model version's onnxruntime session."""
+
+    def __init__(self) -> None:
+        from .runtime import ModelRuntime
+
+        self.runtime = ModelRuntime(settings)
+        self.runtime.start()
+
+    def __is_ready__(self) -> bool:
+        return self.runtime.loaded is not None
+
+    @bentoml.api(batchable=True, max_batch_size=settings.max_batch_size, max_latency_ms=settings.max_latency_ms)
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        """(N, 3, S, S) float32 -> (N, 1 + C): column 0 is the number of the model version that
+        ran the batch (v7 -> 7.0), the rest are softmax probabilities."""
+        model, probabilities = self.runtime.infer(batch)
+        version_column = np.full((len(batch), 1), model.number, dtype=np.float32)
+        return np.concatenate([version_column, probabilities.astype(np.float32)], axis=1)
+
+
+@lru_cache(maxsize=64)
+def _spec_of(home: str, version: str) -> ModelSpec:
+    return ModelRegistry(home).get(version).spec  # versions are immutable: cache forever
+
+
+@bentoml.service(
+    name="transfer_serve",
+    workers=settings.workers,
+    traffic={"timeout": 60},
+)
+class TransferServe:
+    """Image classification over HTTP."""
+
+    inference = bentoml.depends(Inference)
+
+    def __init__(self) -> None:
+        self.registry = ModelRegistry(settings.home)
+        # decoding and resizing release the GIL: threads give real parallelism here
+        self.pool = ThreadPoolExecutor(max_workers=max(2, settings.intra_op_threads), thread_name_prefix="decode")
+
+    def _active_spec(self) -> tuple[str, ModelSpec]:
+        version = self.registry.active_version()
+        if version is None:
+            raise RequestError(503, "no model version is active yet: run `python -m training bootstrap`")
+        return version, _spec_of(str(settings.home), version)
+
+    async def _preprocess_all(self, paths: list[Path], blobs: list[bytes], spec: ModelSpec) -> np.ndarray:
+        loop = asyncio.get_running_loop()
+
+        def one(index: int) -> np.ndarray:
+            try:
+                return preprocess(blobs[index], spec.preprocess, max_pixels=settings.max_pixels)
+            except InputError as exc:
+                raise image_error(index, paths[index], exc) from None
+
+        arrays = await asyncio.gather(*(loop.run_in_executor(self.pool, one, i) for i in range(len(blobs))))
+        return np.stack(arrays)
+
+    @bentoml.api(route="/predict")
+    async def predict(
+        self,
+        images: Annotated[list[Path], Field(description="one or more image files (JPEG, PNG, GIF, WebP, BMP, TIFF)")],
+        top_k: Annotated[int, Field(ge=1, description="how many labels to return per image (capped at the number of labels)")] = settings.default_top_k,
+    ) -> list[Prediction]:
+        """Classify one or more images; one result per image, in the order sent."""
+        from starlette.responses import JSONResponse
+
+        try:
+            blobs = read_uploads(images, settings)
+            for _attempt in range(3):
+                version, spec = self._active_spec()
+                batch = await self._preprocess_all(images, blobs, spec)
+                try:
+                    output = await self.inference.to_async.infer(batch)
+                except Exception as exc:  # the inference worker is loading or restarting
+                    log.warning("inference call failed: %s", exc)
+                    raise RequestError(503, "the model is not available right now; retry shortly") from None
+                numbers = set(output[:, 0].astype(int).tolist())
+                ran = f"v{numbers.pop()}"
+                ran_spec = _spec_of(str(settings.home), ran)
+                # A swap between preprocessing and inference: results are only valid if the
+                # version that ran uses the same preprocessing and all images ran on it.
+                if not numbers and ran_spec.preprocess == spec.preprocess:
+                    return build_predictions(output[:, 1:], ran_spec.labels, top_k, ran)
+            raise RequestError(503, "the active model changed during the request; retry")
+        except RequestError as exc:
+            return JSONResponse(exc.body(), status_code=exc.status)  # type: ignore[return-value]
+
+
+TransferServe.add_asgi_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)

@@ -1,0 +1,85 @@
+"""Service settings: one pydantic-settings class, read from ``TRANSFER_SERVE_*`` environment
+variables, validated at start-up (a bad value stops the service with a message, not a 500 later).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from models.paths import DEFAULT_HOME
+
+log = logging.getLogger(__name__)
+
+
+def cpu_count() -> int:
+    """Cores this process may use (cgroup/affinity aware where the OS tells us)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+class Settings(BaseSettings):
+    """Every knob of the service. Environment variable = ``TRANSFER_SERVE_`` + field name in
+    capitals (``home`` is ``TRANSFER_SERVE_HOME``)."""
+
+    model_config = SettingsConfigDict(env_prefix="TRANSFER_SERVE_", extra="ignore")
+
+    home: Path = Field(DEFAULT_HOME, description="state directory: model versions, labels, database")
+    workers: int = Field(0, ge=0, le=64, description="HTTP worker processes (decode + preprocess); 0 = derived from the cores")
+    inference_workers: int = Field(1, ge=1, le=16, description="onnxruntime worker processes (adaptive batching happens in each)")
+    intra_op_threads: int = Field(0, ge=0, le=256, description="onnxruntime threads per inference worker; 0 = cores / inference_workers")
+    max_batch_size: int = Field(32, ge=1, le=1024, description="largest batch the adaptive batcher forms")
+    max_latency_ms: int = Field(100, ge=1, le=60_000, description="longest a request may wait for its batch (BentoML's max_latency_ms)")
+    providers: Literal["auto", "cpu", "cuda", "tensorrt"] = Field(
+        "auto", description="auto: CUDA when a usable GPU is present, else CPU"
+    )
+    cuda_device_id: int = Field(0, ge=0)
+    cudnn_conv_algo_search: Literal["EXHAUSTIVE", "HEURISTIC", "DEFAULT"] = "HEURISTIC"
+    gpu_mem_limit_mb: int = Field(0, ge=0, description="CUDA arena limit in MiB; 0 = no limit")
+    max_files: int = Field(64, ge=1, le=1024, description="most images in one /predict request")
+    max_file_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="largest single upload (413 above)")
+    max_request_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="largest request body (413 above)")
+    max_pixels: int = Field(40_000_000, ge=1, description="largest decoded image, width x height (413 above)")
+    default_top_k: int = Field(5, ge=1)
+    admin_token: SecretStr | None = Field(None, description="bearer token for /admin/*; unset = admin routes refuse every call")
+
+    @field_validator("home")
+    @classmethod
+    def _expand(cls, v: Path) -> Path:
+        return v.expanduser().resolve()
+
+    @field_validator("admin_token")
+    @classmethod
+    def _token_strength(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and v.get_secret_value() == "":
+            return None
+        if v is not None and len(v.get_secret_value()) < 16:
+            raise ValueError("TRANSFER_SERVE_ADMIN_TOKEN must be at least 16 characters")
+        return v
+
+    @model_validator(mode="after")
+    def _derive(self) -> Settings:
+        cores = cpu_count()
+        if self.workers == 0:
+            self.workers = 1 if cores <= 2 else min(cores // 2, 8)
+        if self.intra_op_threads == 0:
+            self.intra_op_threads = max(1, cores // self.inference_workers)
+        if self.inference_workers * self.intra_op_threads > cores:
+            raise ValueError(
+                f"inference_workers x intra_op_threads = {self.inference_workers * self.intra_op_threads} "
+                f"exceeds the {cores} cores: lower TRANSFER_SERVE_INTRA_OP_THREADS"
+            )
+        return self
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
