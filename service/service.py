@@ -25,12 +25,15 @@ from models.preprocess import preprocess
 from models.registry import ModelRegistry
 from models.spec import ModelSpec
 
-from .limits import BodySizeLimit
+from .limits import RequestGuard
 from .predict import Prediction, RequestError, build_predictions, image_error, read_uploads
 from .settings import get_settings
 
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
 log = logging.getLogger("transfer_serve")
+# BentoML leaves the root logger at WARNING; our start-up lines (model version, provider) are INFO.
+for _name in ("transfer_serve", "service", "models"):
+    logging.getLogger(_name).setLevel(logging.INFO)
 settings = get_settings()
 
 
@@ -129,4 +132,4 @@ class TransferServe:
             return JSONResponse(exc.body(), status_code=exc.status)  # type: ignore[return-value]
 
 
-TransferServe.add_asgi_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+TransferServe.add_asgi_middleware(RequestGuard, max_bytes=settings.max_request_bytes)

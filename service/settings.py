@@ -37,7 +37,11 @@ class Settings(BaseSettings):
     inference_workers: int = Field(1, ge=1, le=16, description="onnxruntime worker processes (adaptive batching happens in each)")
     intra_op_threads: int = Field(0, ge=0, le=256, description="onnxruntime threads per inference worker; 0 = cores / inference_workers")
     max_batch_size: int = Field(32, ge=1, le=1024, description="largest batch the adaptive batcher forms")
-    max_latency_ms: int = Field(100, ge=1, le=60_000, description="longest a request may wait for its batch (BentoML's max_latency_ms)")
+    max_latency_ms: int = Field(
+        10_000, ge=10, le=60_000,
+        description="BentoML's max_latency_ms: a deadline, not a batching window (BentoML adapts "
+        "the window itself); a request that would wait longer is shed with 503",
+    )
     providers: Literal["auto", "cpu", "cuda", "tensorrt"] = Field(
         "auto", description="auto: CUDA when a usable GPU is present, else CPU"
     )
