@@ -13,7 +13,9 @@ stamp="$VENV/.transfer-serve-installed"
 want="$(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "[transfer-serve] installing dependencies (first run: a few minutes)" >&2
-  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e "$ROOT[dev]"
+  # (this machine's pip config lists local indexes that may be absent: hide that noise only)
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e "$ROOT[dev]" \
+    2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
   echo "$want" > "$stamp"
 fi
 export PATH="$VENV/bin:$PATH"
