@@ -95,3 +95,72 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     shifted = logits - logits.max(axis=-1, keepdims=True)
     exp = np.exp(shifted)
     return exp / exp.sum(axis=-1, keepdims=True)
+
+
+def _head_node(model: object) -> object:
+    """The Gemm node that turns ``embedding`` into ``logits`` (a linear layer, weight (C, D))."""
+    for node in model.graph.node:  # type: ignore[attr-defined]
+        if list(node.output) == [ONNX_LOGITS]:
+            trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+            if node.op_type != "Gemm" or node.input[0] != ONNX_EMBEDDING or trans_b != 1 or len(node.input) != 3:
+                raise ModelError("the graph's head is not a Gemm(embedding, W, b) with transB=1; "
+                                 "head-only retraining needs the export layout of training/export.py")
+            return node
+    raise ModelError(f"no node produces '{ONNX_LOGITS}'")
+
+
+def read_head(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
+    """The classifier's weight (C, D) and bias (C,) stored in an exported graph."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(os.fspath(path))
+    node = _head_node(model)
+    inits = {init.name: init for init in model.graph.initializer}
+    return (numpy_helper.to_array(inits[node.input[1]]).astype(np.float32),
+            numpy_helper.to_array(inits[node.input[2]]).astype(np.float32))
+
+
+def replace_head(
+    source: str | os.PathLike[str], destination: str | os.PathLike[str], weight: np.ndarray, bias: np.ndarray
+) -> None:
+    """Write ``source``'s graph with a new linear head (any number of classes) to
+    ``destination``: the backbone is byte-for-byte the same, so its embeddings are too."""
+    import onnx
+    from onnx import numpy_helper
+
+    weight = np.ascontiguousarray(weight, dtype=np.float32)
+    bias = np.ascontiguousarray(bias, dtype=np.float32)
+    if weight.ndim != 2 or bias.shape != (weight.shape[0],):
+        raise ValueError(f"head must be weight (C, D) and bias (C,), got {weight.shape} and {bias.shape}")
+    model = onnx.load(os.fspath(source))
+    node = _head_node(model)
+    for init in model.graph.initializer:
+        if init.name == node.input[1]:
+            if init.dims[1] != weight.shape[1]:
+                raise ValueError(f"head input size {weight.shape[1]} does not match the embedding size {init.dims[1]}")
+            init.CopyFrom(numpy_helper.from_array(weight, init.name))
+        elif init.name == node.input[2]:
+            init.CopyFrom(numpy_helper.from_array(bias, init.name))
+    for output in model.graph.output:
+        if output.name == ONNX_LOGITS:
+            output.type.tensor_type.shape.dim[1].dim_value = weight.shape[0]
+    # intermediate shape annotations would still say the old class count
+    for value_info in list(model.graph.value_info):
+        if value_info.name == ONNX_LOGITS:
+            model.graph.value_info.remove(value_info)
+    onnx.checker.check_model(model)
+    onnx.save(model, os.fspath(destination))
+
+
+def verify_head(
+    path: str | os.PathLike[str], weight: np.ndarray, bias: np.ndarray, inputs: np.ndarray, atol: float = 1e-5
+) -> float:
+    """Run real preprocessed images through the graph and check its logits equal a numpy linear
+    layer on its own embedding. Returns the largest difference; raises :class:`ModelError`."""
+    logits, embedding = run_in_batches(cpu_session(path), inputs)
+    expected = embedding @ weight.T + bias
+    diff = float(np.abs(logits - expected).max())
+    if diff > atol:
+        raise ModelError(f"new head does not match: max logit difference {diff:.2e} > {atol:.0e}")
+    return diff

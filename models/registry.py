@@ -43,6 +43,7 @@ METRICS_FILENAME = "metrics.json"
 INFO_FILENAME = "version.json"
 EMBEDDINGS_FILENAME = "embeddings.npy"
 TARGETS_FILENAME = "embedding_targets.npy"
+HASHES_FILENAME = "embedding_hashes.npy"
 MANIFEST_FILENAME = "manifest.json"
 COMPLETE_MARKER = "COMPLETE"
 REPORT_DIRNAME = "report"
@@ -112,6 +113,13 @@ class ModelVersion:
         embeddings = np.load(self.path / EMBEDDINGS_FILENAME, allow_pickle=False)
         targets = np.load(self.path / TARGETS_FILENAME, allow_pickle=False)
         return embeddings, targets
+
+    def training_hashes(self) -> list[str]:
+        """sha256 of the image behind each training embedding ('' where unknown)."""
+        path = self.path / HASHES_FILENAME
+        if not path.is_file():
+            return [""] * len(np.load(self.path / TARGETS_FILENAME, allow_pickle=False))
+        return [str(h) for h in np.load(path, allow_pickle=False)]
 
     def verify(self) -> None:
         """Raise :class:`ModelError` if any file differs from the manifest or the ONNX graph does
@@ -239,6 +247,7 @@ class ModelRegistry:
         metrics: Mapping[str, Any],
         embeddings: np.ndarray,
         embedding_targets: np.ndarray,
+        embedding_hashes: list[str] | None = None,
         parent: str | None,
         dataset_fingerprint: str | None,
         details: Mapping[str, Any] | None = None,
@@ -260,6 +269,9 @@ class ModelRegistry:
             )
         if embedding_targets.shape != (len(embeddings),):
             raise ModelError("embedding targets must have one entry per embedding")
+        hashes = np.array(embedding_hashes if embedding_hashes is not None else [""] * len(embeddings), dtype="<U64")
+        if hashes.shape != (len(embeddings),):
+            raise ModelError("embedding hashes must have one entry per embedding")
         if len(embedding_targets) and (
             embedding_targets.min() < 0 or embedding_targets.max() >= spec.num_classes
         ):
@@ -289,6 +301,7 @@ class ModelRegistry:
                 (staging / INFO_FILENAME).write_text(json.dumps(info, indent=2))
                 np.save(staging / EMBEDDINGS_FILENAME, embeddings, allow_pickle=False)
                 np.save(staging / TARGETS_FILENAME, embedding_targets, allow_pickle=False)
+                np.save(staging / HASHES_FILENAME, hashes, allow_pickle=False)
                 if report_dir is not None:
                     shutil.copytree(report_dir, staging / REPORT_DIRNAME)
                 files = {

@@ -201,7 +201,7 @@ def _export_and_register(
                  history=history, details=details, best_epoch=best_epoch)
     version = registry.register(
         onnx_file=onnx_path, spec=spec, metrics=metrics, embeddings=embeddings,
-        embedding_targets=dataset.targets, parent=None,
+        embedding_targets=dataset.targets, embedding_hashes=dataset.content_hashes, parent=None,
         dataset_fingerprint=dataset.fingerprint(), details=details, report_dir=report_dir,
         activate=options.activate,
     )

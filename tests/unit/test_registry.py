@@ -43,6 +43,7 @@ def test_round_trip_and_first_version_becomes_active(tmp_path: Path) -> None:
     embeddings, targets = again.training_embeddings()
     assert embeddings.dtype == np.float32 and embeddings.shape == (4, 3)
     assert targets.tolist() == [0, 1, 0, 1]
+    assert again.training_hashes() == ["", "", "", ""]
     logits, embedding = run_in_batches(cpu_session(again.onnx_path), np.ones((2, 3, 4, 4), np.float32))
     assert logits.shape == (2, 2) and np.allclose(embedding, 1.0)
 
