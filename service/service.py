@@ -25,6 +25,7 @@ from models.preprocess import preprocess
 from models.registry import ModelRegistry
 from models.spec import ModelSpec
 
+from .admin import create_admin_app
 from .limits import RequestGuard
 from .predict import Prediction, RequestError, build_predictions, image_error, read_uploads
 from .settings import get_settings
@@ -79,7 +80,14 @@ class TransferServe:
     inference = bentoml.depends(Inference)
 
     def __init__(self) -> None:
+        from .jobs import JobStore
+
         self.registry = ModelRegistry(settings.home)
+        if settings.admin_token is None:
+            log.warning("TRANSFER_SERVE_ADMIN_TOKEN is not set: every /admin route answers 403")
+        failed = JobStore(settings.home).fail_orphans()  # jobs cut short by a stop or crash
+        if failed:
+            log.warning("%d retrain job(s) were running when the service stopped: marked failed", failed)
         # decoding and resizing release the GIL: threads give real parallelism here
         self.pool = ThreadPoolExecutor(max_workers=max(2, settings.intra_op_threads), thread_name_prefix="decode")
 
@@ -133,3 +141,4 @@ class TransferServe:
 
 
 TransferServe.add_asgi_middleware(RequestGuard, max_bytes=settings.max_request_bytes)
+TransferServe.mount_asgi_app(create_admin_app(settings), path="/admin", name="admin")

@@ -4,6 +4,7 @@
     python -m training fit --data ../shared/data/hymenoptera/train --strategy head
     python -m training evaluate --version v2 --data ../shared/data/hymenoptera/train --json
     python -m training models --json
+    python -m training import --data path/to/labelled/folder
 """
 
 import sys

@@ -1,4 +1,4 @@
-"""Command-line interface: ``python -m training {bootstrap,fit,evaluate,models}``.
+"""Command-line interface: ``python -m training {bootstrap,fit,evaluate,models,import}``.
 
 Progress bars and logs go to stderr; results go to stdout. With ``--json`` the output ends with
 one JSON object (``version`` and ``metrics`` for ``fit``), so scripts can read the last line.
@@ -16,6 +16,7 @@ from typing import Any
 
 from models.errors import InputError, TransferServeError, VersionNotFoundError
 from models.paths import state_home
+from models.preprocess import DEFAULT_MAX_PIXELS
 from models.registry import ModelRegistry
 
 
@@ -47,6 +48,11 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", required=True, type=Path)
     ev.add_argument("--report-dir", type=Path, help="also write report.json/.md and plots here")
     ev.add_argument("--json", action="store_true")
+
+    imp = sub.add_parser("import", help="add a labelled folder or CSV manifest to the label store")
+    imp.add_argument("--data", required=True, type=Path, help="labelled folder (one subfolder per class) or CSV manifest (path,label)")
+    imp.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="largest image accepted, width x height")
+    imp.add_argument("--json", action="store_true")
 
     ls = sub.add_parser("models", help="list versions, their metrics, and which is active")
     ls.add_argument("--json", action="store_true")
@@ -99,6 +105,13 @@ def run(args: argparse.Namespace) -> int:
 
         metrics = evaluate(registry.get(args.version), args.data, report_dir=args.report_dir, progress=not quiet)
         _emit(metrics) if args.json else print(_describe_metrics(metrics))
+    elif args.command == "import":
+        from service.labels import LabelStore
+
+        from .importer import import_folder
+
+        summary = import_folder(args.data, LabelStore(registry.home), max_pixels=args.max_pixels, progress=not quiet)
+        _emit(summary.to_dict()) if args.json else print(summary.describe())
     elif args.command == "models":
         active = registry.active_version()
         rows = [{**v.summary(), "active": v.version == active} for v in registry.versions()]

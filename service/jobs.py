@@ -1,0 +1,179 @@
+"""Retrain jobs: their state in SQLite, and launching each one in its own process.
+
+A job row is the single record of a job: ``state`` (queued, running, succeeded, rejected,
+failed), ``phase``, ``progress`` (0-1), the metrics of both models, the resulting version and the
+error. Only one job may be queued or running at a time; the check and the insert happen in one
+``BEGIN IMMEDIATE`` transaction, so two concurrent requests cannot both start one. A job whose
+process is gone (killed, or the service stopped) is marked failed with the reason the next time
+anyone looks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sqlite3
+import subprocess
+import sys
+import threading
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from .db import connect, database_path, transaction
+
+log = logging.getLogger(__name__)
+
+ACTIVE_STATES = ("queued", "running")
+FINAL_STATES = ("succeeded", "rejected", "failed")
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    state TEXT NOT NULL,
+    phase TEXT NOT NULL,
+    progress REAL NOT NULL DEFAULT 0,
+    params TEXT NOT NULL DEFAULT '{}',
+    metrics TEXT,
+    version TEXT,
+    parent TEXT,
+    error TEXT,
+    pid INTEGER,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL,
+    finished_at TEXT
+)
+"""
+_JSON_FIELDS = ("params", "metrics")
+
+
+class JobConflict(Exception):
+    """A job is already queued or running."""
+
+    def __init__(self, job: dict[str, Any]) -> None:
+        super().__init__(f"retrain job {job['id']} is already {job['state']}")
+        self.job = job
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat()
+
+
+def pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie (exited, not yet reaped by its parent) is not alive
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+class JobStore:
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        self.path = database_path(home)
+        with self._conn() as conn:
+            conn.execute(_SCHEMA)
+
+    def _conn(self) -> _Closing:
+        conn = connect(self.path)
+        conn.row_factory = sqlite3.Row
+        return _Closing(conn)
+
+    @staticmethod
+    def _row(row: Any) -> dict[str, Any]:
+        job = dict(row)
+        for key in _JSON_FIELDS:
+            job[key] = json.loads(job[key]) if job[key] else None
+        return job
+
+    def get(self, job_id: str) -> dict[str, Any] | None:
+        self.fail_orphans()
+        with self._conn() as conn:
+            row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return self._row(row) if row else None
+
+    def create(self, params: dict[str, Any], parent: str | None) -> dict[str, Any]:
+        """Insert a queued job, or raise :class:`JobConflict` if one is queued or running."""
+        self.fail_orphans()
+        job_id = uuid.uuid4().hex
+        now = _now()
+        with self._conn() as conn, transaction(conn):
+            row = conn.execute(
+                "SELECT * FROM jobs WHERE state IN ('queued', 'running') ORDER BY created_at LIMIT 1"
+            ).fetchone()
+            if row is not None:
+                raise JobConflict(self._row(row))
+            conn.execute(
+                "INSERT INTO jobs (id, state, phase, progress, params, parent, created_at, updated_at) "
+                "VALUES (?, 'queued', 'queued', 0, ?, ?, ?, ?)",
+                (job_id, json.dumps(params), parent, now, now),
+            )
+        job = self.get(job_id)
+        assert job is not None  # noqa: S101 - just inserted in this process
+        return job
+
+    def update(self, job_id: str, **fields: Any) -> None:
+        fields["updated_at"] = _now()
+        if fields.get("state") in FINAL_STATES:
+            fields["finished_at"] = fields["updated_at"]
+        for key in _JSON_FIELDS:
+            if key in fields and fields[key] is not None:
+                fields[key] = json.dumps(fields[key])
+        columns = ", ".join(f"{name} = ?" for name in fields)
+        with self._conn() as conn:
+            conn.execute(f"UPDATE jobs SET {columns} WHERE id = ?", (*fields.values(), job_id))  # noqa: S608
+
+    def fail_orphans(self) -> int:
+        """Mark failed every queued/running job whose process is gone. Returns how many."""
+        with self._conn() as conn:
+            rows = conn.execute("SELECT id, pid, state, created_at FROM jobs WHERE state IN ('queued', 'running')").fetchall()
+        failed = 0
+        for row in rows:
+            if row["pid"] is None and row["state"] == "queued":
+                age = datetime.now(timezone.utc) - datetime.fromisoformat(row["created_at"])
+                if age.total_seconds() < 60:  # being launched right now
+                    continue
+            if not pid_alive(row["pid"]):
+                self.update(row["id"], state="failed",
+                            error="the retrain process stopped before finishing (killed, crashed, "
+                                  "or the service was stopped); start a new job")
+                log.warning("retrain job %s marked failed: its process is gone", row["id"])
+                failed += 1
+        return failed
+
+
+class _Closing:
+    """``with`` support that closes (not just commits) a sqlite3 connection."""
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+
+    def __enter__(self) -> Any:
+        return self.conn
+
+    def __exit__(self, *exc: object) -> None:
+        self.conn.close()
+
+
+def launch(home: Path, job_id: str) -> int:
+    """Start the job in its own process (lower CPU priority than serving). Returns its pid."""
+    logs = home / "jobs"
+    logs.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "TRANSFER_SERVE_HOME": str(home)}
+    with (logs / f"{job_id}.log").open("ab") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "service.retrain", job_id, "--parent-pid", str(os.getpid())],
+            cwd=Path(__file__).resolve().parents[1], env=env, stdout=log_file, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+    threading.Thread(target=process.wait, name=f"reap-{job_id[:8]}", daemon=True).start()  # no zombies
+    return process.pid

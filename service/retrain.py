@@ -1,0 +1,263 @@
+"""Head-only retraining, run as its own process: ``python -m service.retrain JOB_ID``.
+
+The active version's ONNX graph is the backbone: embeddings of images not seen before are
+computed with it (batched, cached by content hash + backbone fingerprint), a new linear head is
+fitted on ALL labelled images in the store plus the active version's own training embeddings (no
+class is forgotten; new labels become new classes), the new and the active model are compared on
+the same held-out images (fixed per image by its hash), and the new version is the same graph
+with the new head written in. It goes live only if it is not worse (or ``force`` is set); a
+refused version is kept, inactive, with its metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from models.errors import InputError
+from models.head import HeadParams, fit_linear_head
+from models.onnx_io import read_head, replace_head, run_in_batches, verify_head
+from models.preprocess import preprocess
+from models.registry import ModelRegistry, ModelVersion
+
+from .embeddings import EmbeddingCache
+from .labels import LabelStore, held_out
+
+log = logging.getLogger(__name__)
+EMBED_BATCH = 16
+
+
+class RetrainParams(BaseModel):
+    """Optional JSON body of ``POST /admin/retrain``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    force: bool = Field(False, description="activate the new version even if it is worse")
+    tolerance: float = Field(0.0, ge=0.0, le=1.0, description="accuracy the new version may lose and still go live")
+    steps: int = Field(300, ge=10, le=5000, description="head optimisation steps")
+    learning_rate: float = Field(0.05, gt=0.0, le=1.0)
+    l2: float = Field(1e-3, ge=0.0, le=10.0, description="L2 regularisation of the head")
+
+
+class RetrainRefused(InputError):
+    """The store does not hold enough to train on (422)."""
+
+    status_code = 422
+
+
+def usable_labels(parent: ModelVersion, store_counts: dict[str, int]) -> list[str]:
+    """The new version's labels: the parent's that still have training data (in the parent's
+    order), then new ones (sorted). Parent labels without any data (e.g. the bootstrap model's
+    1000 ImageNet classes) cannot be fitted and are dropped."""
+    _, targets = parent.training_embeddings()
+    parent_with_data = {parent.spec.labels[t] for t in set(targets.tolist())} | set(store_counts)
+    kept = [label for label in parent.spec.labels if label in parent_with_data]
+    return kept + sorted(set(store_counts) - set(kept))
+
+
+def check_retrainable(store: LabelStore, parent: ModelVersion | None) -> None:
+    """Raise :class:`RetrainRefused` with the reason if a retrain cannot produce a classifier."""
+    if parent is None:
+        raise RetrainRefused("no active model version to retrain from: run `python -m training bootstrap`")
+    counts = store.counts()
+    if not counts:
+        raise RetrainRefused("no labelled images: upload some with POST /admin/labels first")
+    small = {label: n for label, n in counts.items() if n < 2}
+    if small:
+        raise RetrainRefused(f"every label needs at least 2 images; too few: {small}")
+    labels = usable_labels(parent, counts)
+    if len(labels) < 2:
+        raise RetrainRefused(f"only one class ({labels[0]}); a classifier needs at least two: label images of another class")
+
+
+@dataclass
+class Progress:
+    report: Callable[..., None]
+
+    def __call__(self, phase: str, progress: float) -> None:
+        self.report(phase=phase, progress=round(min(max(progress, 0.0), 1.0), 4))
+
+
+def embed_missing(parent: ModelVersion, store: LabelStore, cache: EmbeddingCache, ids: list[str],
+                  progress: Progress, threads: int) -> tuple[dict[str, np.ndarray], int]:
+    """Embeddings of ``ids``: from the cache, the rest computed with the parent's graph (and
+    cached). Returns them and how many were computed."""
+    fingerprint = parent.spec.backbone_fingerprint
+    found = cache.get_many(ids, fingerprint)
+    missing = [i for i in ids if i not in found]
+    log.info("%d labelled images: %d embeddings cached, %d to compute", len(ids), len(found), len(missing))
+    if missing:
+        from models.onnx_io import cpu_session
+
+        session = cpu_session(parent.onnx_path, intra_op_threads=threads)
+        config = parent.spec.preprocess
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            for start in range(0, len(missing), EMBED_BATCH):
+                chunk = missing[start : start + EMBED_BATCH]
+                batch = np.stack(list(pool.map(lambda i: preprocess(store.read(i), config), chunk)))
+                _, embeddings = run_in_batches(session, batch, batch_size=len(chunk))
+                computed = dict(zip(chunk, embeddings))
+                cache.put_many(computed, fingerprint)
+                found.update(computed)
+                progress("embedding", 0.05 + 0.75 * (start + len(chunk)) / len(missing))
+    return found, len(missing)
+
+
+def _accuracy(predicted: list[str], truth: list[str]) -> float:
+    return float(np.mean([p == t for p, t in zip(predicted, truth)])) if truth else 0.0
+
+
+def retrain(home: Path, params: RetrainParams, report: Callable[..., None], threads: int = 2) -> dict[str, Any]:
+    """Run one head-only retrain; returns the job's result fields (state, version, metrics)."""
+    progress = Progress(report)
+    registry = ModelRegistry(home)
+    store = LabelStore(home)
+    cache = EmbeddingCache(home)
+    parent = registry.active()
+    check_retrainable(store, parent)
+    assert parent is not None  # noqa: S101 - checked above
+    started = time.perf_counter()
+    progress("embedding", 0.05)
+    images = store.images()
+    ids = [image.image_id for image in images]
+    store_labels = {image.image_id: image.label for image in images}
+    vectors, computed = embed_missing(parent, store, cache, ids, progress, threads)
+
+    labels = usable_labels(parent, Counter(store_labels.values()))
+    index = {label: i for i, label in enumerate(labels)}
+    # held-out images fixed per image; a class whose images are all held out trains on them
+    held = {i for i in ids if held_out(i)}
+    for label in set(store_labels.values()):
+        members = [i for i in ids if store_labels[i] == label]
+        if all(i in held for i in members):
+            held -= set(members)
+    train_ids = [i for i in ids if i not in held]
+    held_ids = sorted(held)
+
+    parent_x, parent_y = parent.training_embeddings()
+    parent_hashes = parent.training_hashes()
+    keep = [k for k, h in enumerate(parent_hashes)
+            if h not in store_labels and parent.spec.labels[parent_y[k]] in index]
+    x_parts = [parent_x[keep]] if keep else []
+    y_parts = [np.array([index[parent.spec.labels[parent_y[k]]] for k in keep], np.int64)] if keep else []
+    if train_ids:
+        x_parts.append(np.stack([vectors[i] for i in train_ids]))
+        y_parts.append(np.array([index[store_labels[i]] for i in train_ids], np.int64))
+    train_x, train_y = np.concatenate(x_parts), np.concatenate(y_parts)
+    held_x = np.stack([vectors[i] for i in held_ids]) if held_ids else np.zeros((0, train_x.shape[1]), np.float32)
+    held_truth = [store_labels[i] for i in held_ids]
+    held_y = np.array([index[t] for t in held_truth], np.int64)
+
+    progress("fitting", 0.82)
+    head = fit_linear_head(
+        train_x, train_y, len(labels),
+        params=HeadParams(steps=params.steps, learning_rate=params.learning_rate, l2=params.l2),
+        validation=(held_x, held_y) if held_ids else None,
+    )
+    progress("evaluating", 0.88)
+    candidate_pred = [labels[k] for k in head.logits(held_x).argmax(1)] if held_ids else []
+    parent_w, parent_b = read_head(parent.onnx_path)
+    active_pred = [parent.spec.labels[k] for k in (held_x @ parent_w.T + parent_b).argmax(1)] if held_ids else []
+    candidate_acc, active_acc = _accuracy(candidate_pred, held_truth), _accuracy(active_pred, held_truth)
+    if not held_ids:
+        promote, reason = params.force, "no held-out images to compare on"
+    else:
+        promote = params.force or candidate_acc >= active_acc - params.tolerance
+        reason = (f"candidate accuracy {candidate_acc:.4f} vs active {active_acc:.4f} "
+                  f"(tolerance {params.tolerance}) on {len(held_ids)} held-out images")
+    metrics = {
+        "candidate": {"accuracy": candidate_acc, "held_out": len(held_ids)},
+        "active": {"version": parent.version, "accuracy": active_acc, "held_out": len(held_ids)},
+        "train_images": int(len(train_y)),
+        "from_parent": len(keep),
+        "embeddings_computed": computed,
+        "embeddings_cached": len(ids) - computed,
+        "labels": labels,
+        "dropped_labels": len(parent.spec.labels) - len([l for l in parent.spec.labels if l in index]),
+        "promoted": bool(promote),
+        "gate": reason + (" (forced)" if params.force else ""),
+    }
+
+    progress("exporting", 0.92)
+    with tempfile.TemporaryDirectory(prefix="transfer-serve-retrain-", dir=home) as tmp:
+        onnx_path = Path(tmp) / "model.onnx"
+        replace_head(parent.onnx_path, onnx_path, head.weight, head.bias)
+        progress("verifying", 0.95)
+        sample_ids = (held_ids or train_ids or ids)[:4]
+        sample = np.stack([preprocess(store.read(i), parent.spec.preprocess) for i in sample_ids])
+        metrics["head_check_max_diff"] = verify_head(onnx_path, head.weight, head.bias, sample)
+        # the version's own data: everything it was fitted or judged on, for the next retrain
+        all_ids = train_ids + held_ids
+        stored_x = ([parent_x[keep]] if keep else []) + [np.stack([vectors[i] for i in all_ids])]
+        stored_y = (y_parts[:1] if keep else []) + [np.array([index[store_labels[i]] for i in all_ids], np.int64)]
+        version = registry.register(
+            onnx_file=onnx_path,
+            spec=parent.spec.model_copy(update={"labels": tuple(labels)}),
+            metrics=metrics,
+            embeddings=np.concatenate(stored_x),
+            embedding_targets=np.concatenate(stored_y),
+            embedding_hashes=[parent_hashes[k] for k in keep] + all_ids,
+            parent=parent.version,
+            dataset_fingerprint=None,
+            details={"strategy": "retrain-head", "job_params": params.model_dump(),
+                     "seconds": round(time.perf_counter() - started, 2)},
+        )
+    if promote:
+        progress("activating", 0.98)
+        registry.activate(version.version)
+    metrics["seconds"] = round(time.perf_counter() - started, 2)
+    return {"state": "succeeded" if promote else "rejected", "version": version.version, "metrics": metrics}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .jobs import JobStore
+    from .settings import get_settings
+
+    parser = argparse.ArgumentParser(prog="python -m service.retrain")
+    parser.add_argument("job_id")
+    parser.add_argument("--parent-pid", type=int, help="exit (marking the job failed) if this process dies")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    settings = get_settings()
+    os.nice(10)  # serving comes first: the job takes the CPU the service leaves
+    jobs = JobStore(settings.home)
+    job = jobs.get(args.job_id)
+    if job is None:
+        log.error("no job %s", args.job_id)
+        return 2
+
+    def report(**fields: Any) -> None:
+        if args.parent_pid and os.getppid() != args.parent_pid:
+            raise SystemExit("the service stopped during the job")
+        jobs.update(args.job_id, **fields)
+
+    jobs.update(args.job_id, state="running", phase="starting", pid=os.getpid())
+    try:
+        result = retrain(settings.home, RetrainParams.model_validate(job["params"] or {}), report,
+                         threads=settings.intra_op_threads)
+    except SystemExit as exc:
+        jobs.update(args.job_id, state="failed", error=str(exc))
+        return 1
+    except Exception as exc:  # any failure ends the job failed, with the reason, never half-done
+        log.exception("retrain job %s failed", args.job_id)
+        jobs.update(args.job_id, state="failed", error=f"{exc.__class__.__name__}: {exc}")
+        return 1
+    jobs.update(args.job_id, phase="done", progress=1.0, **result)
+    log.info("retrain job %s %s: %s", args.job_id, result["state"], result["metrics"]["gate"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
