@@ -120,14 +120,19 @@ class TransferServe:
 
         try:
             blobs = read_uploads(images, settings)
-            for _attempt in range(3):
+            for attempt in range(3):
                 version, spec = self._active_spec()
                 batch = await self._preprocess_all(images, blobs, spec)
                 try:
                     output = await self.inference.to_async.infer(batch)
-                except Exception as exc:  # the inference worker is loading or restarting
-                    log.warning("inference call failed: %s", exc)
-                    raise RequestError(503, "the model is not available right now; retry shortly") from None
+                except Exception as exc:  # noqa: BLE001 - any failure of the internal call
+                    # Inference is idempotent: a keep-alive connection closed under us, or a
+                    # worker being replaced, is worth one more try before the client sees it.
+                    log.warning("inference call failed (attempt %d): %s", attempt + 1, exc)
+                    if attempt == 2:
+                        raise RequestError(503, "the model is not available right now; retry shortly") from None
+                    await asyncio.sleep(0.05)
+                    continue
                 numbers = set(output[:, 0].astype(int).tolist())
                 ran = f"v{numbers.pop()}"
                 ran_spec = _spec_of(str(settings.home), ran)

@@ -10,7 +10,6 @@ import json
 import multiprocessing
 import random
 import shutil
-import sqlite3
 import sys
 import threading
 from collections import Counter
