@@ -51,6 +51,7 @@ def test_head_fit_registers_an_accurate_verified_version(fitted) -> None:
     assert details["onnx_parity"]["max_logit_diff"] < 1e-4
     embeddings, targets = version.training_embeddings()
     assert embeddings.shape == (80, 1280) and sorted(set(targets.tolist())) == [0, 1]
+    assert len(set(version.training_hashes())) == 80  # content hashes: GET /admin/labels uses them
     for name in ("report.json", "report.md", "confusion_matrix.png", "training_curves.png"):
         assert (version.report_dir / name).stat().st_size > 100
 
@@ -110,3 +111,17 @@ def test_finetune_strategy_completes(hymenoptera: Path, tmp_path: Path, capsys) 
     assert version.info["details"]["epochs"] == 1
     report = json.loads((version.report_dir / "report.json").read_text())
     assert [row["epoch"] for row in report["history"]] == [1.0]
+
+
+def test_import_cli_adds_a_folder_to_the_label_store(hymenoptera: Path, tmp_path: Path, capsys) -> None:
+    from service.labels import LabelStore
+
+    data = make_subset(hymenoptera, tmp_path / "data", per_class=3)
+    (data / "bees" / "junk.jpg").write_bytes(b"not an image")
+    home = tmp_path / "home"
+    assert main(["--home", str(home), "import", "--data", str(data), "--json"]) == 0
+    summary = last_json(capsys.readouterr().out)
+    assert summary["stored"] == 6 and summary["skipped"] == 1 and "junk.jpg" in summary["skipped_files"][0]["path"]
+    assert LabelStore(home).counts() == {"ants": 3, "bees": 3}
+    assert main(["--home", str(home), "import", "--data", str(data), "--json"]) == 0
+    assert last_json(capsys.readouterr().out)["unchanged"] == 6
