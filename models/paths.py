@@ -3,7 +3,9 @@ active pointer, the label store, the SQLite database and caches."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
 from pathlib import Path
 
 HOME_ENV = "TRANSFER_SERVE_HOME"
@@ -17,3 +19,19 @@ def state_home(explicit: str | os.PathLike[str] | None = None) -> Path:
     home = Path(raw).expanduser().resolve()
     home.mkdir(parents=True, exist_ok=True)
     return home
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` so that readers see the old file or the new one, never a torn one: a
+    temporary file in the same directory, flushed to disk, then renamed over ``path``."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:12]}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise

@@ -19,7 +19,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -31,6 +30,7 @@ import numpy as np
 
 from .errors import ModelError, VersionNotFoundError
 from .onnx_io import check_onnx_contract
+from .paths import write_atomic
 from .spec import SPEC_FILENAME, ModelSpec
 
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")  # no usage analytics from a private service
@@ -60,17 +60,7 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON so readers see the old file or the new one, never a torn one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=2, sort_keys=True)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    write_atomic(path, json.dumps(data, indent=2, sort_keys=True).encode())
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,6 @@ import logging
 import os
 import re
 import secrets
-import tempfile
 import unicodedata
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from models.errors import InputError
+from models.paths import write_atomic
 from models.preprocess import decode_image
 
 from . import db
@@ -232,17 +232,7 @@ class LabelStore:
             if path.stat().st_size == len(data):
                 return
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:12]}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+        write_atomic(path, data)
 
     def delete(self, image_id: str) -> bool:
         """Remove an image (its row, then its file). False if there is no such image, including

@@ -11,7 +11,6 @@ import logging
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -21,7 +20,7 @@ import torch
 from PIL import Image
 
 from models.errors import DatasetError
-from models.head import HeadParams, fit_linear_head
+from models.head import fit_linear_head
 from models.onnx_io import cpu_session, run_in_batches, softmax
 from models.preprocess import decode_image, load_image_bytes, preprocess_image
 from models.registry import ModelRegistry, ModelVersion
