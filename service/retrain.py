@@ -19,7 +19,7 @@ import tempfile
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -85,8 +85,13 @@ def check_retrainable(store: LabelStore, parent: ModelVersion | None) -> None:
 @dataclass
 class Progress:
     report: Callable[..., None]
+    started: float = field(default_factory=time.perf_counter)
+    phase: str = ""
 
     def __call__(self, phase: str, progress: float) -> None:
+        if phase != self.phase:  # the job log shows where the time goes
+            log.info("phase %s at %.2fs", phase, time.perf_counter() - self.started)
+            self.phase = phase
         self.report(phase=phase, progress=round(min(max(progress, 0.0), 1.0), 4))
 
 
