@@ -8,7 +8,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,17 +42,27 @@ class Server:
                 self.process.wait()
 
 
+def start_command(command: Sequence[str], port: int, log_path: Path,
+                  env: Mapping[str, str] | None = None) -> Server:
+    """Run ``command`` (anything that serves HTTP on ``port`` of 127.0.0.1) from the repository
+    root, in its own process group so that ``Server.stop`` ends it and all its children."""
+    full_env = {**os.environ, "BENTOML_DO_NOT_TRACK": "True", **(env or {})}
+    with log_path.open("wb") as log:  # the child keeps its own descriptor
+        process = subprocess.Popen(
+            list(command), cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    return Server(f"http://127.0.0.1:{port}", process, log_path)
+
+
 def start_server(home: Path, log_path: Path, env: Mapping[str, str] | None = None,
                  target: str = "service.service:TransferServe") -> Server:
     port = free_port()
-    full_env = {**os.environ, "TRANSFER_SERVE_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True", **(env or {})}
     bentoml = Path(sys.executable).with_name("bentoml")
-    with log_path.open("wb") as log:  # the child keeps its own descriptor
-        process = subprocess.Popen(
-            [str(bentoml), "serve", target, "--host", "127.0.0.1", "--port", str(port)],
-            cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-    return Server(f"http://127.0.0.1:{port}", process, log_path)
+    return start_command(
+        [str(bentoml), "serve", target, "--host", "127.0.0.1", "--port", str(port)],
+        port, log_path, {"TRANSFER_SERVE_HOME": str(home), **(env or {})},
+    )
 
 
 def wait_until(server: Server, path: str = "/readyz", status: int = 200, timeout: float = 120) -> None:
