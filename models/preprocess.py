@@ -294,12 +294,30 @@ def _normalise_table(
     return table
 
 
-def _preprocess_into(image: Image.Image, config: PreprocessConfig, out: np.ndarray) -> None:
+def crop_image(image: Image.Image, config: PreprocessConfig) -> np.ndarray:
+    """The resized, centre-cropped image as uint8 (input_size, input_size, 3): the exact input
+    before normalisation, and a quarter of its size (what the service sends between processes)."""
     if image.width < 1 or image.height < 1:
         raise ImageDecodeError(f"image has no pixels ({image.width}x{image.height})")
     if image.mode != "RGB" or "transparency" in image.info:
         image = to_rgb(image)
-    pixels = np.asarray(_resize_and_crop(image, config))  # (H, W, 3) uint8
+    return np.asarray(_resize_and_crop(image, config))
+
+
+def normalise_crops(crops: np.ndarray, config: PreprocessConfig) -> np.ndarray:
+    """uint8 crops (N, S, S, 3) from :func:`crop_image` -> the network input, float32
+    (N, 3, S, S), exactly as :func:`preprocess_image` computes it."""
+    if crops.dtype != np.uint8 or crops.ndim != 4 or crops.shape[3] != 3:
+        raise ValueError(f"expected uint8 crops (N, S, S, 3), got {crops.dtype} {crops.shape}")
+    table = _normalise_table(config.mean, config.std)
+    out = np.empty((crops.shape[0], 3, crops.shape[1], crops.shape[2]), dtype=np.float32)
+    for channel in range(3):
+        np.take(table[channel], crops[..., channel], out=out[:, channel], mode="clip")
+    return out
+
+
+def _preprocess_into(image: Image.Image, config: PreprocessConfig, out: np.ndarray) -> None:
+    pixels = crop_image(image, config)  # (H, W, 3) uint8
     table = _normalise_table(config.mean, config.std)
     for channel in range(3):
         # mode="clip" lets take() write straight into `out` (indices are 0..255 anyway).

@@ -19,6 +19,7 @@ import numpy as np
 
 from models.errors import ModelError
 from models.onnx_io import softmax
+from models.preprocess import normalise_crops
 from models.registry import ModelRegistry, ModelVersion
 from models.spec import ONNX_INPUT, ONNX_LOGITS, ModelSpec
 
@@ -122,13 +123,15 @@ class ModelRuntime:
     def loaded(self) -> LoadedModel | None:
         return self._loaded
 
-    def infer(self, batch: np.ndarray) -> tuple[LoadedModel, np.ndarray]:
-        """Softmax probabilities (N, C) of a preprocessed batch, and the model that made them."""
+    def infer(self, crops: np.ndarray) -> tuple[LoadedModel, np.ndarray]:
+        """Softmax probabilities (N, C) of a batch of uint8 crops (N, S, S, 3) from
+        :func:`models.preprocess.crop_image`, and the model that made them."""
         model = self._loaded
         if model is None:
             raise ModelNotLoaded("no model version is loaded yet")
         size = model.spec.preprocess.input_size
-        if batch.ndim != 4 or batch.shape[1:] != (3, size, size):
-            raise ValueError(f"batch shape {batch.shape} does not fit {model.version} (3, {size}, {size})")
-        (logits,) = model.session.run([ONNX_LOGITS], {ONNX_INPUT: np.ascontiguousarray(batch, np.float32)})
+        if crops.ndim != 4 or crops.shape[1:] != (size, size, 3):
+            raise ValueError(f"batch shape {crops.shape} does not fit {model.version} ({size}, {size}, 3)")
+        batch = normalise_crops(crops, model.spec.preprocess)
+        (logits,) = model.session.run([ONNX_LOGITS], {ONNX_INPUT: batch})
         return model, softmax(logits)

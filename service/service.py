@@ -21,7 +21,7 @@ import numpy as np
 from pydantic import Field
 
 from models.errors import InputError
-from models.preprocess import preprocess
+from models.preprocess import crop_image, decode_image
 from models.registry import ModelRegistry
 from models.spec import ModelSpec
 
@@ -57,8 +57,9 @@ class Inference:
 
     @bentoml.api(batchable=True, max_batch_size=settings.max_batch_size, max_latency_ms=settings.max_latency_ms)
     def infer(self, batch: np.ndarray) -> np.ndarray:
-        """(N, 3, S, S) float32 -> (N, 1 + C): column 0 is the number of the model version that
-        ran the batch (v7 -> 7.0), the rest are softmax probabilities."""
+        """uint8 crops (N, S, S, 3) -> (N, 1 + C): column 0 is the number of the model version
+        that ran the batch (v7 -> 7.0), the rest are softmax probabilities. Crops, not float
+        tensors, cross the process boundary: a quarter of the bytes to copy and parse."""
         model, probabilities = self.runtime.infer(batch)
         version_column = np.full((len(batch), 1), model.number, dtype=np.float32)
         return np.concatenate([version_column, probabilities.astype(np.float32)], axis=1)
@@ -102,7 +103,7 @@ class TransferServe:
 
         def one(index: int) -> np.ndarray:
             try:
-                return preprocess(blobs[index], spec.preprocess, max_pixels=settings.max_pixels)
+                return crop_image(decode_image(blobs[index], max_pixels=settings.max_pixels), spec.preprocess)
             except InputError as exc:
                 raise image_error(index, paths[index], exc) from None
 

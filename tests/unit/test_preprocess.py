@@ -531,3 +531,19 @@ def test_load_image_bytes(tmp_path: Path) -> None:
     path.write_bytes(data)
     assert load_image_bytes(path) == data
     assert load_image_bytes(str(path)) == data
+
+
+def test_crop_then_normalise_equals_preprocess_exactly(hymenoptera) -> None:
+    """The service sends uint8 crops between processes and normalises in the inference worker:
+    the result must be bit-identical to the one-step path training evaluates with."""
+    from models.preprocess import crop_image, normalise_crops
+
+    config = PreprocessConfig(input_size=224, crop_pct=0.875, interpolation="bicubic", mean=(0.5,) * 3, std=(0.5,) * 3)
+    photos = sorted((hymenoptera / "bees").glob("*.jpg"))[:3]
+    images = [decode_image(p.read_bytes()) for p in photos]
+    crops = np.stack([crop_image(image, config) for image in images])
+    assert crops.dtype == np.uint8 and crops.shape == (3, 224, 224, 3)
+    expected = np.stack([preprocess_image(image, config) for image in images])
+    np.testing.assert_array_equal(normalise_crops(crops, config), expected)
+    with pytest.raises(ValueError, match="uint8 crops"):
+        normalise_crops(crops.astype(np.float32), config)
