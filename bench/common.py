@@ -1,0 +1,445 @@
+"""Helpers shared by the benchmarks: a state directory with a model, real ``bentoml serve``
+processes that are always stopped, an HTTP load generator, CPU and /metrics probes, and
+percentile maths.
+
+Benchmarks run on shared machines, so nothing here judges a timing: it measures, and the
+benchmark prints figures and ratios of setups measured one after another in the same run.
+Server processes are started and stopped with ``tests/server.py`` (the same helper the
+integration tests use), in their own process group, and :func:`serving` stops the whole group on
+any exit, Ctrl-C and SIGTERM included (after :func:`install_sigterm_handler`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_IMAGES = ROOT.parent / "shared" / "data" / "hymenoptera" / "train"
+IMAGE_SUFFIXES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png"}
+
+if str(ROOT) not in sys.path:  # entry scripts run as `python bench/x.py` have bench/ on the path
+    sys.path.insert(0, str(ROOT))
+
+from tests.server import Server, start_server, wait_until  # noqa: E402
+
+
+# -- people-facing progress -------------------------------------------------------------------
+
+
+class Progress:
+    """``[elapsed] message`` lines on stderr, for a person watching a long run."""
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def __call__(self, message: str) -> None:
+        print(f"[{self.elapsed:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+def install_sigterm_handler() -> None:
+    """Make SIGTERM unwind like Ctrl-C, so ``finally`` blocks stop the servers."""
+
+    def _raise(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, _raise)
+
+
+# -- inputs -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ImageFile:
+    name: str
+    label: str  # the parent folder: the class in an ImageFolder layout
+    data: bytes
+    content_type: str
+
+
+def load_images(folder: Path, *, seed: int = 0) -> list[ImageFile]:
+    """Every image under ``folder`` (recursively), read once, in a fixed shuffled order so the
+    classes are mixed wherever a client starts cycling."""
+    paths = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder}")
+    random.Random(seed).shuffle(paths)
+    return [ImageFile(p.name, p.parent.name, p.read_bytes(), IMAGE_SUFFIXES[p.suffix.lower()]) for p in paths]
+
+
+def describe_images(images: Sequence[ImageFile]) -> str:
+    counts: dict[str, int] = {}
+    for image in images:
+        counts[image.label] = counts.get(image.label, 0) + 1
+    mean_kb = sum(len(i.data) for i in images) / len(images) / 1024
+    per_class = ", ".join(f"{label}: {n}" for label, n in sorted(counts.items()))
+    return f"{len(images)} images ({per_class}), {mean_kb:.0f} KiB on average"
+
+
+# -- state directory and servers --------------------------------------------------------------
+
+
+def bootstrap_home(home: Path, python: str = sys.executable) -> None:
+    """Register the pretrained ImageNet classifier in ``home`` (``python -m training bootstrap``)."""
+    env = {**os.environ, "TRANSFER_SERVE_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True"}
+    done = subprocess.run([python, "-m", "training", "bootstrap"], cwd=ROOT, env=env,
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"`python -m training bootstrap` failed ({done.returncode}):\n"
+                           f"{(done.stdout + done.stderr)[-3000:]}")
+
+
+@contextlib.contextmanager
+def state_home(home: Path | None, progress: Callable[[str], None] = lambda _: None) -> Iterator[Path]:
+    """``home`` as given, or a temporary state directory bootstrapped with the pretrained
+    classifier and removed afterwards."""
+    if home is not None:
+        yield home.resolve()
+        return
+    temporary = Path(tempfile.mkdtemp(prefix="transfer-serve-bench-"))
+    try:
+        progress(f"bootstrapping a model into {temporary} ...")
+        bootstrap_home(temporary)
+        progress("bootstrap done")
+        yield temporary
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def serving(target: str, home: Path, log_dir: Path, *, env: Mapping[str, str] | None = None,
+            ready_timeout: float = 180) -> Iterator[Server]:
+    """A ``bentoml serve TARGET`` process on a free 127.0.0.1 port, ready (``/readyz`` 200) when
+    the block starts and stopped (with every process it started) when it ends, however it ends.
+
+    Each server gets a private ``BENTOML_HOME`` unless ``env`` names one: ``bentoml serve`` wipes
+    ``$BENTOML_HOME/prometheus_multiproc_dir`` when it starts, so a server started elsewhere on
+    the machine (a test run) would otherwise reset this one's ``/metrics`` mid-measurement. The
+    model versions live under ``TRANSFER_SERVE_HOME``, not there."""
+    log_path = log_dir / f"{target.replace(':', '.').replace('/', '_')}.log"
+    with tempfile.TemporaryDirectory(prefix="bench-bentoml-home-") as bentoml_home:
+        server = start_server(home, log_path, env={"BENTOML_HOME": bentoml_home, **(env or {})}, target=target)
+        try:
+            wait_until(server, timeout=ready_timeout)
+            yield server
+        finally:
+            stop_server(server)
+
+
+def stop_server(server: Server, timeout: float = 20) -> None:
+    """Stop a server and every process it started. BentoML's supervisor puts each worker in a
+    process group of its own, so the workers are collected first and any that outlive their
+    supervisor (killed after ``timeout``) are killed by pid."""
+    import psutil
+
+    try:
+        workers = psutil.Process(server.process.pid).children(recursive=True)
+    except psutil.Error:
+        workers = []
+    server.stop()
+    _, alive = psutil.wait_procs(workers, timeout=timeout)
+    for process in alive:
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+    psutil.wait_procs(alive, timeout=5)
+
+
+# -- statistics -------------------------------------------------------------------------------
+
+
+def percentiles(values: Sequence[float], qs: Sequence[float] = (50, 95, 99)) -> dict[str, float | None]:
+    """``{"p50": ..., ...}`` (linear interpolation between closest ranks); None when empty."""
+    if len(values) == 0:
+        return {f"p{q:g}": None for q in qs}
+    points = np.percentile(np.asarray(values, dtype=np.float64), list(qs))
+    return {f"p{q:g}": float(v) for q, v in zip(qs, points)}
+
+
+# -- probes: measured from the start to the end of the measurement window ---------------------
+
+
+class WindowProbe(Protocol):
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+
+
+def _process_label(process: Any) -> str:
+    """A readable name for a process of a ``bentoml serve`` tree: the service a worker runs
+    (``transfer_serve_inference#1``), else its pid."""
+    try:
+        cmdline = process.cmdline()
+    except Exception:  # gone, or not ours to read
+        return str(process.pid)
+    if "--service-name" in cmdline:
+        index = cmdline.index("--service-name")
+        name = cmdline[index + 1] if index + 1 < len(cmdline) else "?"
+        worker = cmdline[cmdline.index("--worker-id") + 1] if "--worker-id" in cmdline else "?"
+        return f"{name}#{worker}"
+    return str(process.pid)
+
+
+class ProcessCPU:
+    """CPU seconds (user + system) that a process, and optionally its descendants, used in the
+    window, by process label."""
+
+    def __init__(self, pid: int | None = None, *, tree: bool = True, root_label: str = "arbiter") -> None:
+        self.pid = pid if pid is not None else os.getpid()
+        self.tree = tree
+        self.root_label = root_label
+        self._before: dict[int, tuple[str, float]] = {}
+        self._after: dict[int, tuple[str, float]] = {}
+
+    def _sample(self) -> dict[int, tuple[str, float]]:
+        import psutil
+
+        root = psutil.Process(self.pid)
+        processes = [root, *(root.children(recursive=True) if self.tree else [])]
+        sample = {}
+        for process in processes:
+            with contextlib.suppress(psutil.Error):
+                times = process.cpu_times()
+                label = self.root_label if process.pid == self.pid else _process_label(process)
+                sample[process.pid] = (label, times.user + times.system)
+        return sample
+
+    def start(self) -> None:
+        self._before = self._sample()
+
+    def stop(self) -> None:
+        self._after = self._sample()
+
+    def seconds(self) -> dict[str, float]:
+        used: dict[str, float] = {}
+        for pid, (label, after) in self._after.items():
+            before = self._before.get(pid, (label, 0.0))[1]  # a process born in the window: all of it
+            used[label] = used.get(label, 0.0) + max(0.0, after - before)
+        return used
+
+
+class SystemCPU:
+    """CPU seconds the whole machine spent busy (everything but idle and I/O wait) in the
+    window; minus what the measured processes used, it shows how much else was running."""
+
+    def __init__(self) -> None:
+        self._before: Any = None
+        self._after: Any = None
+        self._started = self._stopped = 0.0
+
+    @staticmethod
+    def _busy() -> float:
+        import psutil
+
+        times = psutil.cpu_times()
+        return sum(times) - times.idle - getattr(times, "iowait", 0.0)
+
+    def start(self) -> None:
+        self._before, self._started = self._busy(), time.perf_counter()
+
+    def stop(self) -> None:
+        self._after, self._stopped = self._busy(), time.perf_counter()
+
+    def busy_seconds(self) -> float:
+        return max(0.0, self._after - self._before)
+
+
+class MetricsDelta:
+    """The change of BentoML's Prometheus counters (``GET /metrics``) over the window."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._before: dict[tuple[str, frozenset[tuple[str, str]]], float] = {}
+        self._after: dict[tuple[str, frozenset[tuple[str, str]]], float] = {}
+
+    def _scrape(self) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+        import httpx
+        from prometheus_client.parser import text_string_to_metric_families
+
+        response = httpx.get(self.url + "/metrics", timeout=30)
+        response.raise_for_status()
+        text = response.text
+        return {
+            (sample.name, frozenset(sample.labels.items())): float(sample.value)
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+        }
+
+    def start(self) -> None:
+        self._before = self._scrape()
+
+    def stop(self) -> None:
+        self._after = self._scrape()
+
+    def delta(self, name_suffix: str, **labels: str) -> float:
+        """Sum over the samples whose name ends with ``name_suffix`` and that carry ``labels``."""
+        total = 0.0
+        for key, value in self._after.items():
+            name, sample_labels = key
+            if name.endswith(name_suffix) and all((k, v) in sample_labels for k, v in labels.items()):
+                total += value - self._before.get(key, 0.0)
+        return total
+
+    def mean(self, metric: str, **labels: str) -> float | None:
+        """Mean of a histogram over the window (``_sum`` delta / ``_count`` delta)."""
+        count = self.delta(f"{metric}_count", **labels)
+        return self.delta(f"{metric}_sum", **labels) / count if count else None
+
+
+class LogWatch:
+    """Warning and error lines a server wrote to its log during the window (BentoML's format:
+    ``... [WARNING] [worker] message``), counted and a few distinct ones kept."""
+
+    def __init__(self, path: Path, *, keep: int = 5) -> None:
+        self.path = path
+        self.keep = keep
+        self._offset = 0
+        self.count = 0
+        self.samples: list[str] = []
+
+    def start(self) -> None:
+        self._offset = self.path.stat().st_size if self.path.exists() else 0
+
+    def stop(self) -> None:
+        with self.path.open("rb") as fh:
+            fh.seek(self._offset)
+            text = fh.read().decode(errors="replace")
+        seen = set()
+        for line in text.splitlines():
+            if "[WARNING]" not in line and "[ERROR]" not in line:
+                continue
+            self.count += 1
+            message = line.split("] ", 2)[-1].split(" (trace=")[0][:200]
+            if message not in seen and len(self.samples) < self.keep:
+                seen.add(message)
+                self.samples.append(message)
+
+
+# -- HTTP load --------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadResult:
+    """What a load run saw in its measurement window (requests completed inside it)."""
+
+    seconds: float
+    latencies_ms: list[float] = field(default_factory=list)  # successful requests
+    errors: int = 0
+    errors_outside_window: int = 0
+    error_samples: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> int:
+        return len(self.latencies_ms)
+
+    @property
+    def throughput(self) -> float:
+        return self.ok / self.seconds if self.seconds else 0.0
+
+    def summary(self) -> dict[str, Any]:
+        return {"requests_ok": self.ok, "errors": self.errors,
+                "errors_outside_window": self.errors_outside_window,
+                "seconds": self.seconds, "throughput": self.throughput,
+                "latency_ms": {**percentiles(self.latencies_ms),
+                               "mean": float(np.mean(self.latencies_ms)) if self.latencies_ms else None},
+                "error_samples": self.error_samples}
+
+
+def _valid_prediction(body: Any) -> bool:
+    return (isinstance(body, list) and len(body) == 1 and isinstance(body[0], dict)
+            and {"label", "score", "top_k", "model_version"} <= body[0].keys())
+
+
+async def predict_load(
+    url: str,
+    images: Sequence[ImageFile],
+    *,
+    concurrency: int,
+    duration: float,
+    warmup: float,
+    route: str = "/predict",
+    probes: Sequence[WindowProbe] = (),
+    progress: Callable[[str], None] | None = None,
+    label: str = "load",
+    timeout: float = 120,
+    max_error_samples: int = 5,
+) -> LoadResult:
+    """``concurrency`` clients each sending single-image ``POST route`` requests back to back.
+
+    The first ``warmup`` seconds are not counted; then requests that complete within the next
+    ``duration`` seconds are. A request is an error unless it answers 200 with one well-formed
+    prediction. After the window no new request is sent; those in flight are awaited (not
+    counted), so servers see no aborted connections. ``probes`` are started and stopped at the
+    window's edges (in a thread, off the event loop)."""
+    import httpx
+
+    if concurrency < 1 or duration <= 0 or warmup < 0:
+        raise ValueError("concurrency >= 1, duration > 0 and warmup >= 0 are required")
+    result = LoadResult(seconds=duration)
+    started = time.perf_counter()
+    window_start = started + warmup
+    window_end = window_start + duration
+    step = max(1, len(images) // concurrency)
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=timeout) as client:
+
+        async def client_loop(index: int) -> None:
+            position = index * step  # clients start spread over the image list
+            while (sent := time.perf_counter()) < window_end:
+                image = images[position % len(images)]
+                position += 1
+                problem = None
+                try:
+                    response = await client.post(
+                        route, files=[("images", (image.name, image.data, image.content_type))])
+                    if response.status_code != 200:
+                        problem = f"HTTP {response.status_code}: {response.text[:300]}"
+                    elif not _valid_prediction(response.json()):
+                        problem = f"HTTP 200 with an unexpected body: {response.text[:300]}"
+                except (httpx.HTTPError, ValueError) as exc:
+                    problem = f"{type(exc).__name__}: {exc}"
+                done = time.perf_counter()
+                if not window_start <= done <= window_end:
+                    result.errors_outside_window += problem is not None
+                    continue
+                if problem is None:
+                    result.latencies_ms.append((done - sent) * 1000)
+                else:
+                    result.errors += 1
+                    if len(result.error_samples) < max_error_samples:
+                        result.error_samples.append(problem)
+
+        async def watch() -> None:
+            await asyncio.sleep(max(0.0, window_start - time.perf_counter()))
+            for probe in probes:
+                await asyncio.to_thread(probe.start)
+            if progress:
+                progress(f"{label}: warm-up done, measuring for {duration:g}s")
+            while (now := time.perf_counter()) < window_end:
+                await asyncio.sleep(min(5.0, window_end - now))
+                if progress and time.perf_counter() < window_end - 0.5:
+                    seen = time.perf_counter() - window_start
+                    progress(f"{label}: {seen:4.1f}/{duration:g}s  {result.ok} ok  {result.errors} errors  "
+                             f"{result.ok / seen:.1f} img/s")
+            for probe in probes:
+                await asyncio.to_thread(probe.stop)
+
+        await asyncio.gather(watch(), *(client_loop(i) for i in range(concurrency)))
+    return result

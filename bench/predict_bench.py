@@ -1,0 +1,603 @@
+"""Prediction throughput and latency: the shipped service against the in-process limit and a
+naive one-image-per-call service, measured one after another in the same run.
+
+    .venv/bin/python bench/predict_bench.py --concurrency 32 --duration 20 --warmup 3 --rounds 2 \
+        [--home DIR] [--images ../shared/data/hymenoptera/train] [--json OUT.json] [--plot OUT.png] \
+        [--setups service,limit,naive] [--service-env TRANSFER_SERVE_WORKERS=2 ...] [--log-dir DIR]
+
+Setups:
+  service  ``bentoml serve service.service:TransferServe`` as shipped (plus any --service-env)
+  limit    the same bytes decoded by models.preprocess.preprocess in a thread pool (one thread per
+           core) feeding batches to the session of the service's own ModelRuntime (same session
+           options), in this process, no HTTP; batch sizes 1, 4, 8, 16, 32 are tried briefly and the best one is
+           measured
+  naive    ``bentoml serve bench.naive_service:Naive``: one worker, one image per onnxruntime call
+           (on the provider --service-env selects; CPU by default)
+
+All setups are made ready first, then measured in turn ``--rounds`` times for
+``--duration / --rounds`` seconds each (after ``--warmup`` uncounted seconds), and pooled, so a
+change in the machine's other load hits them alike. The HTTP setups get ``--concurrency``
+clients sending single-image POST /predict requests back to back.
+
+Without --home a temporary state directory is bootstrapped with the pretrained ImageNet classifier
+(``python -m training bootstrap``) and removed at the end. Every server is stopped at the end, on
+Ctrl-C and on errors too. Timings are printed, never judged: only the ratios of setups measured in
+the same run mean something on a shared machine, and the "other load" column says when even those
+were disturbed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import queue
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as `python bench/predict_bench.py`
+    sys.path.insert(0, str(ROOT))
+
+from bench.common import (  # noqa: E402
+    DEFAULT_IMAGES,
+    ImageFile,
+    LoadResult,
+    LogWatch,
+    MetricsDelta,
+    ProcessCPU,
+    Progress,
+    Server,
+    SystemCPU,
+    describe_images,
+    install_sigterm_handler,
+    load_images,
+    percentiles,
+    predict_load,
+    serving,
+    state_home,
+)
+
+SETUPS = ("service", "limit", "naive")
+BATCH_SIZES = (1, 4, 8, 16, 32)
+#: The issue's targets, stated at concurrency 32: service throughput >= factor x the other setup.
+TARGETS = {"limit": 0.8, "naive": 2.0}
+TARGET_CONCURRENCY = 32
+#: Cores used by other processes (not the server, not the load generator) above which a phase
+#: is flagged as disturbed.
+OTHER_LOAD_WARNING = 0.3
+#: Settings the naive baseline takes from --service-env: where to run, not how to serve.
+PROVIDER_SETTINGS = ("TRANSFER_SERVE_PROVIDERS", "TRANSFER_SERVE_CUDA", "TRANSFER_SERVE_CUDNN",
+                     "TRANSFER_SERVE_GPU")
+
+
+# -- limit: in-process decode pool + batched onnxruntime --------------------------------------
+
+
+@contextlib.contextmanager
+def patched_environ(values: Mapping[str, str]) -> Iterator[None]:
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, old in saved.items():
+            if old is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = old
+
+
+def limit_runtime(home: Path, service_env: Mapping[str, str]) -> Any:
+    """The service's own ModelRuntime, loaded (same session options and providers as the
+    service would pick with ``service_env``), with one session using every core. Only its
+    session is used, so the limit does not depend on what the service sends between processes."""
+    from service.runtime import ModelRuntime
+    from service.settings import Settings, cpu_count
+
+    with patched_environ(service_env):
+        settings = Settings(home=home, inference_workers=1, intra_op_threads=cpu_count())
+    runtime = ModelRuntime(settings)
+    runtime.refresh()
+    if runtime.loaded is None:
+        raise RuntimeError(f"could not load the active model version from {home} (see the log above)")
+    return runtime
+
+
+def limit_run(runtime: Any, images: Sequence[ImageFile], *, batch_size: int, seconds: float,
+              warmup: float, decode_threads: int, probes: Sequence[Any] = ()) -> dict[str, Any]:
+    """Images/s of decode threads (``models.preprocess.preprocess``) feeding ``batch_size``
+    batches to the runtime's onnxruntime session (logits, then softmax, as the service does).
+
+    Throughput is measured between the first and the last batch that complete inside the
+    window (images of the batches after the first / time between them), so it does not depend
+    on where a long batch happens to straddle the window's edges."""
+    from models.onnx_io import softmax
+    from models.preprocess import preprocess
+    from models.spec import ONNX_INPUT, ONNX_LOGITS
+
+    config = runtime.loaded.spec.preprocess
+    session = runtime.loaded.session
+    ready: queue.Queue[np.ndarray] = queue.Queue(maxsize=2 * batch_size + decode_threads)
+    stop = threading.Event()
+
+    def decode(first: int) -> None:
+        index = first
+        while not stop.is_set():
+            array = preprocess(images[index % len(images)].data, config)
+            index += decode_threads
+            while not stop.is_set():
+                try:
+                    ready.put(array, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+
+    threads = [threading.Thread(target=decode, args=(k,), name=f"decode-{k}", daemon=True)
+               for k in range(decode_threads)]
+    for thread in threads:
+        thread.start()
+    size = config.input_size
+    batch = np.empty((batch_size, 3, size, size), np.float32)
+    completions: list[float] = []
+    try:
+        started = time.perf_counter()
+        window_start, window_end = started + warmup, started + warmup + seconds
+        measuring = False
+        probed_from = probed_to = 0.0
+        probed_batches = 0  # completed while the probes ran: what their CPU time paid for
+        # a slow large batch may not finish twice in a short window: then measure until it has
+        while (now := time.perf_counter()) < window_end or len(completions) < 3:
+            if not measuring and now >= window_start:
+                for probe in probes:
+                    probe.start()
+                measuring, probed_from = True, time.perf_counter()
+            for row in range(batch_size):
+                try:
+                    batch[row] = ready.get(timeout=60)
+                except queue.Empty:
+                    raise RuntimeError("the decode threads stopped producing (a bad image?)") from None
+            (logits,) = session.run([ONNX_LOGITS], {ONNX_INPUT: batch})
+            softmax(logits)
+            done = time.perf_counter()
+            probed_batches += measuring
+            if measuring and (done <= window_end or len(completions) < 3):
+                completions.append(done)
+        probed_to = time.perf_counter()
+        for probe in probes:
+            probe.stop()
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=10)
+    span = completions[-1] - completions[0]
+    images_done = (len(completions) - 1) * batch_size
+    return {"batch_size": batch_size, "throughput": images_done / span, "images": images_done,
+            "seconds": span, "batches": len(completions), "probed_seconds": probed_to - probed_from,
+            "probed_images": probed_batches * batch_size}
+
+
+@dataclass
+class Limit:
+    """The in-process setup, ready to measure: runtime loaded, best batch size chosen."""
+
+    runtime: Any
+    batch_size: int
+    decode_threads: int
+    sweep: list[dict[str, Any]]
+
+
+def prepare_limit(home: Path, images: Sequence[ImageFile], args: argparse.Namespace,
+                  progress: Progress) -> Limit:
+    from service.settings import cpu_count
+
+    runtime = limit_runtime(home, args.service_env)
+    decode_threads = cpu_count()
+    progress(f"limit: {runtime.loaded.version} on {', '.join(runtime.loaded.providers)}, "
+             f"{runtime.settings.intra_op_threads} onnxruntime threads, {decode_threads} decode threads; "
+             f"batch size sweep, {args.sweep_seconds:g}s each")
+    sweep = []
+    for batch_size in BATCH_SIZES:
+        cpu, machine = ProcessCPU(tree=False, root_label="this process"), SystemCPU()
+        figures = limit_run(runtime, images, batch_size=batch_size, seconds=args.sweep_seconds,
+                            warmup=1.0, decode_threads=decode_threads, probes=[cpu, machine])
+        used = sum(cpu.seconds().values())
+        figures["cpu_ms_per_image"] = 1000 * used / max(figures["probed_images"], 1)
+        figures["other_cores_busy"] = max(0.0, machine.busy_seconds() - used) / figures["probed_seconds"]
+        sweep.append(figures)
+        progress(f"limit: batch {batch_size:2d}: {figures['throughput']:.1f} img/s "
+                 f"(other load {figures['other_cores_busy']:.2f} cores)")
+    best = max(sweep, key=lambda f: f["throughput"])["batch_size"]
+    return Limit(runtime, best, decode_threads, sweep)
+
+
+@dataclass
+class Tally:
+    """One setup's measurements, pooled over the rounds."""
+
+    name: str
+    images: int = 0
+    seconds: float = 0.0  # the time the throughput is counted over
+    probed_seconds: float = 0.0  # the time the CPU probes spanned
+    probed_images: int = 0  # the images completed in that time
+    latencies_ms: list[float] = field(default_factory=list)
+    errors: int = 0
+    error_samples: list[str] = field(default_factory=list)
+    cpu_by_process: dict[str, float] = field(default_factory=dict)
+    client_cpu: float | None = None
+    machine_busy: float = 0.0
+    metrics: dict[str, float] | None = None
+    log_lines: int = 0
+    log_samples: list[str] = field(default_factory=list)
+    per_round: list[float] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def add_cpu(self, by_process: Mapping[str, float]) -> None:
+        for label, used in by_process.items():
+            self.cpu_by_process[label] = self.cpu_by_process.get(label, 0.0) + used
+
+    def figures(self) -> dict[str, Any]:
+        done = max(self.probed_images, 1)
+        server = sum(self.cpu_by_process.values())
+        client = self.client_cpu or 0.0
+        probed = self.probed_seconds or 1.0
+        figures: dict[str, Any] = {
+            "setup": self.name,
+            "throughput": self.images / self.seconds if self.seconds else 0.0,
+            "images": self.images, "seconds": self.seconds, "throughput_per_round": self.per_round,
+            "latency_ms": {**percentiles(self.latencies_ms),
+                           "mean": float(np.mean(self.latencies_ms)) if self.latencies_ms else None},
+            "errors": self.errors, "error_samples": self.error_samples,
+            "cpu": {
+                "server_ms_per_image": 1000 * server / done,
+                "server_cores_busy": server / probed,
+                "by_process_ms_per_image": {k: 1000 * v / done for k, v in sorted(self.cpu_by_process.items())},
+                "load_generator_ms_per_image": None if self.client_cpu is None else 1000 * client / done,
+                "other_cores_busy": max(0.0, self.machine_busy - server - client) / probed,
+            },
+            **self.extra,
+        }
+        if self.metrics is not None:
+            m = self.metrics
+
+            def mean_ms(key: str) -> float | None:
+                return 1000 * m[f"{key}_sum"] / m[f"{key}_count"] if m[f"{key}_count"] else None
+
+            figures["server_metrics"] = {
+                "predict_mean_ms": mean_ms("predict"), "infer_call_mean_ms": mean_ms("infer"),
+                "batches": m["batch_count"],
+                "mean_batch_size": m["batch_sum"] / m["batch_count"] if m["batch_count"] else None,
+            }
+            figures["server_log"] = {"warnings_and_errors": self.log_lines, "samples": self.log_samples}
+        return figures
+
+
+def measure_limit_round(tally: Tally, limit: Limit, images: Sequence[ImageFile], seconds: float,
+                        args: argparse.Namespace) -> float:
+    cpu = ProcessCPU(tree=False, root_label="this process")
+    machine = SystemCPU()
+    run = limit_run(limit.runtime, images, batch_size=limit.batch_size, seconds=seconds, warmup=args.warmup,
+                    decode_threads=limit.decode_threads, probes=[cpu, machine])
+    tally.images += run["images"]
+    tally.seconds += run["seconds"]
+    tally.probed_seconds += run["probed_seconds"]
+    tally.probed_images += run["probed_images"]
+    tally.add_cpu(cpu.seconds())
+    tally.machine_busy += machine.busy_seconds()
+    tally.per_round.append(run["throughput"])
+    return float(run["throughput"])
+
+
+def measure_http_round(tally: Tally, server: Server, images: Sequence[ImageFile], seconds: float,
+                       args: argparse.Namespace, progress: Progress, label: str) -> float:
+    server_cpu = ProcessCPU(server.process.pid)
+    client_cpu = ProcessCPU(tree=False, root_label="load generator")
+    metrics = MetricsDelta(server.url)
+    log_watch = LogWatch(server.log_path)
+    machine = SystemCPU()
+    result: LoadResult = asyncio.run(predict_load(
+        server.url, images, concurrency=args.concurrency, duration=seconds, warmup=args.warmup,
+        probes=[machine, server_cpu, client_cpu, metrics, log_watch], progress=progress, label=label))
+    tally.images += result.ok
+    tally.seconds += result.seconds
+    tally.probed_seconds += result.seconds
+    tally.probed_images += result.ok
+    tally.latencies_ms += result.latencies_ms
+    tally.errors += result.errors
+    tally.error_samples += result.error_samples[: max(0, 5 - len(tally.error_samples))]
+    tally.add_cpu(server_cpu.seconds())
+    tally.client_cpu = (tally.client_cpu or 0.0) + client_cpu.seconds().get("load generator", 0.0)
+    tally.machine_busy += machine.busy_seconds()
+    deltas = {
+        "predict_sum": metrics.delta("request_duration_seconds_sum", endpoint="/predict"),
+        "predict_count": metrics.delta("request_duration_seconds_count", endpoint="/predict"),
+        "infer_sum": metrics.delta("request_duration_seconds_sum", endpoint="/infer"),
+        "infer_count": metrics.delta("request_duration_seconds_count", endpoint="/infer"),
+        "batch_sum": metrics.delta("adaptive_batch_size_sum"),
+        "batch_count": metrics.delta("adaptive_batch_size_count"),
+    }
+    tally.metrics = {k: (tally.metrics or {}).get(k, 0.0) + v for k, v in deltas.items()}
+    tally.log_lines += log_watch.count
+    tally.log_samples += [s for s in log_watch.samples if s not in tally.log_samples][: max(0, 5 - len(tally.log_samples))]
+    tally.per_round.append(result.throughput)
+    return result.throughput
+
+
+# -- report -----------------------------------------------------------------------------------
+
+
+def _fmt(value: float | None, spec: str = ".0f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def ratios(results: Mapping[str, dict[str, Any]], concurrency: int) -> dict[str, Any]:
+    out = {}
+    for other, target in TARGETS.items():
+        ratio = None
+        if "service" in results and other in results and results[other]["throughput"]:
+            ratio = results["service"]["throughput"] / results[other]["throughput"]
+        out[f"service/{other}"] = {
+            "ratio": ratio, "target": target,
+            "met": None if ratio is None else ratio >= target,
+            "at_target_concurrency": concurrency == TARGET_CONCURRENCY,
+        }
+    return out
+
+
+def print_report(results: Mapping[str, dict[str, Any]], failures: Mapping[str, str], summary: Mapping[str, Any],
+                 args: argparse.Namespace) -> None:
+    print()
+    rounds = f" in {args.rounds} rounds ({args.warmup:g}s warm-up each)" if args.rounds > 1 else \
+        f" after {args.warmup:g}s warm-up"
+    print(f"prediction benchmark: concurrency {args.concurrency}, {args.duration:g}s measured per setup{rounds}, "
+          f"{summary['cores']} cores, {summary['images']}")
+    header = (f"{'setup':<14}{'img/s':>8}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'errors':>8}"
+              f"{'CPU ms/img':>12}{'cores busy':>12}{'other load':>12}")
+    print(header)
+    print("-" * len(header))
+    for name in args.setups:
+        if name in failures:
+            print(f"{name:<14}failed: {failures[name]}")
+            continue
+        r = results[name]
+        label = f"limit (b={r['batch_size']})" if name == "limit" else name
+        lat = r["latency_ms"]
+        print(f"{label:<14}{r['throughput']:>8.1f}{_fmt(lat['p50']):>9}{_fmt(lat['p95']):>9}{_fmt(lat['p99']):>9}"
+              f"{r['errors']:>8}{r['cpu']['server_ms_per_image']:>12.1f}{r['cpu']['server_cores_busy']:>12.2f}"
+              f"{r['cpu']['other_cores_busy']:>12.2f}")
+    print("(CPU ms/img, cores busy: CPU time of the server's processes, or of this process for limit, in the "
+          "measured window;\n other load: cores busy with anything but those and the load generator)")
+    disturbed = [n for n in results if results[n]["cpu"]["other_cores_busy"] > OTHER_LOAD_WARNING]
+    if disturbed:
+        print(f"note: other work used more than {OTHER_LOAD_WARNING:g} cores during {', '.join(disturbed)}; "
+              "those figures and the ratios involving them are unreliable: rerun on a quieter machine")
+
+    if args.rounds > 1:
+        print("img/s per round: " + "   ".join(
+            f"{name}: {' / '.join(f'{t:.1f}' for t in results[name]['throughput_per_round'])}" for name in results))
+    if "limit" in results:
+        sweep = "  ".join(f"b={f['batch_size']}: {f['throughput']:.1f}" for f in results["limit"]["sweep"])
+        print(f"\nlimit, batch size sweep ({args.sweep_seconds:g}s each, img/s): {sweep}")
+        busy = [f"b={f['batch_size']}" for f in results["limit"]["sweep"] if f["other_cores_busy"] > OTHER_LOAD_WARNING]
+        if busy:
+            print(f"note: other work used more than {OTHER_LOAD_WARNING:g} cores during the sweep at {', '.join(busy)}; "
+                  "the batch size chosen may not be the best")
+    for name in ("service", "naive"):
+        if name not in results:
+            continue
+        r = results[name]
+        cpu = "  ".join(f"{k}: {v:.1f}" for k, v in r["cpu"]["by_process_ms_per_image"].items())
+        m = r["server_metrics"]
+        print(f"\n{name}: server CPU ms/img by process: {cpu}; load generator: "
+              f"{r['cpu']['load_generator_ms_per_image']:.1f}")
+        line = f"{name}: mean /predict time in the server {_fmt(m['predict_mean_ms'])} ms"
+        if m["infer_call_mean_ms"] is not None:
+            line += (f"; mean /infer call (batch wait + run) {_fmt(m['infer_call_mean_ms'])} ms; "
+                     f"{m['batches']:.0f} batches, mean size {_fmt(m['mean_batch_size'], '.1f')}")
+        print(line)
+        if r["server_log"]["warnings_and_errors"]:
+            print(f"{name}: {r['server_log']['warnings_and_errors']} warning/error lines in the server log "
+                  "during the window, e.g.:")
+            for sample in r["server_log"]["samples"]:
+                print(f"  {sample}")
+        if r["error_samples"]:
+            print(f"{name}: first errors:")
+            for sample in r["error_samples"]:
+                print(f"  {sample}")
+
+    print("\nthroughput ratios")
+    for key, figure in summary["ratios"].items():
+        ratio, target = figure["ratio"], figure["target"]
+        verdict = "not measured" if ratio is None else ("met" if figure["met"] else "not met")
+        print(f"  {key:<15}{_fmt(ratio, '.2f'):>6}   target >= {target:g}   {verdict}")
+    if args.concurrency != TARGET_CONCURRENCY:
+        print(f"  (the targets are stated at concurrency {TARGET_CONCURRENCY}; this run used {args.concurrency})")
+
+
+def write_plot(path: Path, results: Mapping[str, dict[str, Any]], args: argparse.Namespace) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in args.setups if n in results]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    labels = [f"limit (b={results[n]['batch_size']})" if n == "limit" else n for n in names]
+    values = [results[n]["throughput"] for n in names]
+    bars = left.bar(labels, values, color=["#4477aa", "#228833", "#cc6677"][: len(names)])
+    left.bar_label(bars, fmt="%.1f")
+    left.set_ylabel("images / s")
+    left.set_title(f"throughput (concurrency {args.concurrency})")
+    with_latency = [n for n in names if results[n]["latency_ms"]["p50"] is not None]
+    width = 0.8 / max(len(with_latency), 1)
+    for offset, name in enumerate(with_latency):
+        lat = results[name]["latency_ms"]
+        xs = np.arange(3) + offset * width
+        right.bar(xs, [lat["p50"], lat["p95"], lat["p99"]], width, label=name)
+    right.set_xticks(np.arange(3) + width * (len(with_latency) - 1) / 2, ["p50", "p95", "p99"])
+    right.set_ylabel("ms")
+    right.set_title("request latency")
+    if with_latency:
+        right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# -- command line -----------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--concurrency", type=int, default=32, help="concurrent HTTP clients (default 32)")
+    parser.add_argument("--duration", type=float, default=20, help="measured seconds per setup (default 20)")
+    parser.add_argument("--warmup", type=float, default=3, help="uncounted seconds before each measurement (default 3)")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="measure the setups in turn this many times, --duration/rounds seconds each, "
+                        "and pool the figures (default 2)")
+    parser.add_argument("--sweep-seconds", type=float, default=5,
+                        help="seconds per batch size in the limit's sweep (default 5)")
+    parser.add_argument("--home", type=Path, help="state directory with an active model (default: a temporary "
+                        "one, bootstrapped with the pretrained classifier)")
+    parser.add_argument("--images", type=Path, default=DEFAULT_IMAGES, help=f"image folder (default {DEFAULT_IMAGES})")
+    parser.add_argument("--setups", default=",".join(SETUPS), help="comma-separated subset of service,limit,naive")
+    parser.add_argument("--service-env", action="append", default=[], metavar="KEY=VALUE",
+                        help="setting for the service under test (repeatable), e.g. TRANSFER_SERVE_WORKERS=2")
+    parser.add_argument("--log-dir", type=Path, help="keep the servers' logs here (default: a temporary "
+                        "folder, removed at the end)")
+    parser.add_argument("--json", type=Path, help="write every figure to this JSON file")
+    parser.add_argument("--plot", type=Path, help="write a PNG chart (throughput, latency percentiles)")
+    args = parser.parse_args(argv)
+    args.setups = [s.strip() for s in args.setups.split(",") if s.strip()]
+    unknown = set(args.setups) - set(SETUPS)
+    if unknown or not args.setups:
+        parser.error(f"--setups takes a subset of {','.join(SETUPS)}; got {sorted(unknown) or 'nothing'}")
+    env = {}
+    for item in args.service_env:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            parser.error(f"--service-env takes KEY=VALUE, got {item!r}")
+        env[key] = value
+    args.service_env = env
+    if args.concurrency < 1 or args.duration <= 0 or args.warmup < 0 or args.sweep_seconds <= 0 or args.rounds < 1:
+        parser.error("--concurrency >= 1, --duration > 0, --warmup >= 0, --sweep-seconds > 0 and --rounds >= 1 "
+                     "are required")
+    if args.home is not None and not args.home.is_dir():
+        parser.error(f"--home {args.home} is not a directory")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    install_sigterm_handler()
+    progress = Progress()
+    images = load_images(args.images)
+    progress(f"loaded {describe_images(images)} from {args.images}")
+    from service.settings import cpu_count
+
+    failures: dict[str, str] = {}
+    tallies: dict[str, Tally] = {}
+    with contextlib.ExitStack() as stack:
+        home = stack.enter_context(state_home(args.home, progress))
+        if args.log_dir is None:
+            log_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-logs-")))
+        else:
+            log_dir = args.log_dir
+            log_dir.mkdir(parents=True, exist_ok=True)
+        # the naive baseline runs on the same device as the service, nothing else is shared
+        provider_env = {k: v for k, v in args.service_env.items() if k.startswith(PROVIDER_SETTINGS)}
+        targets = {"service": ("service.service:TransferServe", args.service_env),
+                   "naive": ("bench.naive_service:Naive", provider_env)}
+
+        # Every setup is made ready first (servers started, limit's batch size chosen), then the
+        # measurements alternate between them round after round, so that a change in what else
+        # runs on the machine affects all of them alike rather than one.
+        servers: dict[str, Server] = {}
+        limit: Limit | None = None
+        for name in args.setups:
+            try:
+                if name == "limit":
+                    limit = prepare_limit(home, images, args, progress)
+                else:
+                    target, env = targets[name]
+                    shown = " ".join(f"{k}={v}" for k, v in env.items())
+                    progress(f"{name}: starting `bentoml serve {target}`" + (f" with {shown}" if shown else ""))
+                    servers[name] = stack.enter_context(serving(target, home, log_dir, env=env))
+                    progress(f"{name}: ready at {servers[name].url}")
+            except Exception as exc:  # report it, measure the other setups, exit non-zero
+                failures[name] = f"{type(exc).__name__}: {exc}"
+                progress(f"{name}: FAILED: {failures[name]}")
+            else:
+                tallies[name] = Tally(name)
+
+        seconds = args.duration / args.rounds
+        for round_index in range(args.rounds):
+            for name in list(tallies):
+                label = name if args.rounds == 1 else f"{name} (round {round_index + 1}/{args.rounds})"
+                progress(f"{label}: {args.warmup:g}s warm-up, then {seconds:g}s measured"
+                         + (f" at batch size {limit.batch_size}" if name == "limit" and limit else
+                            f" with {args.concurrency} clients"))
+                try:
+                    if name == "limit" and limit is not None:
+                        throughput = measure_limit_round(tallies[name], limit, images, seconds, args)
+                    else:
+                        throughput = measure_http_round(tallies[name], servers[name], images, seconds, args,
+                                                        progress, label)
+                except Exception as exc:
+                    failures[name] = f"{type(exc).__name__}: {exc}"
+                    progress(f"{label}: FAILED: {failures[name]}")
+                    del tallies[name]
+                else:
+                    progress(f"{label}: {throughput:.1f} img/s")
+        progress("stopping the servers")
+
+    results = {name: tally.figures() for name, tally in tallies.items()}
+    if limit is not None and "limit" in results:
+        results["limit"].update(
+            batch_size=limit.batch_size, sweep=limit.sweep, providers=list(limit.runtime.loaded.providers),
+            intra_op_threads=limit.runtime.settings.intra_op_threads, decode_threads=limit.decode_threads)
+    summary = {
+        "cores": cpu_count(), "images": describe_images(images),
+        "ratios": ratios(results, args.concurrency),
+    }
+    print_report(results, failures, summary, args)
+    if args.json:
+        import onnxruntime
+
+        document = {
+            "config": {"concurrency": args.concurrency, "duration_s": args.duration, "warmup_s": args.warmup,
+                       "rounds": args.rounds,
+                       "sweep_seconds": args.sweep_seconds, "setups": args.setups,
+                       "service_env": args.service_env, "images": str(args.images), "cores": cpu_count(),
+                       "python": platform.python_version(), "onnxruntime": onnxruntime.__version__,
+                       "host": platform.node()},
+            "results": results, "failures": failures, "ratios": summary["ratios"],
+            "wall_s": progress.elapsed,
+        }
+        args.json.write_text(json.dumps(document, indent=2))
+        progress(f"wrote {args.json}")
+    if args.plot and results:
+        write_plot(args.plot, results, args)
+        progress(f"wrote {args.plot}")
+    progress("finished")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the servers are stopped by now
+        print("interrupted; every server this run started has been stopped", file=sys.stderr)
+        sys.exit(130)
