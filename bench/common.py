@@ -35,7 +35,8 @@ IMAGE_SUFFIXES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/pn
 if str(ROOT) not in sys.path:  # entry scripts run as `python bench/x.py` have bench/ on the path
     sys.path.insert(0, str(ROOT))
 
-from tests.server import Server, start_server, wait_until  # noqa: E402
+from tests.server import Server  # noqa: E402
+from tests.server import serving as serving_server  # noqa: E402
 
 
 # -- people-facing progress -------------------------------------------------------------------
@@ -127,39 +128,11 @@ def state_home(home: Path | None, progress: Callable[[str], None] = lambda _: No
 @contextlib.contextmanager
 def serving(target: str, home: Path, log_dir: Path, *, env: Mapping[str, str] | None = None,
             ready_timeout: float = 180) -> Iterator[Server]:
-    """A ``bentoml serve TARGET`` process on a free 127.0.0.1 port, ready (``/readyz`` 200) when
-    the block starts and stopped (with every process it started) when it ends, however it ends.
-
-    Each server gets a private ``BENTOML_HOME`` unless ``env`` names one: ``bentoml serve`` wipes
-    ``$BENTOML_HOME/prometheus_multiproc_dir`` when it starts, so a server started elsewhere on
-    the machine (a test run) would otherwise reset this one's ``/metrics`` mid-measurement. The
-    model versions live under ``TRANSFER_SERVE_HOME``, not there."""
+    """A ready ``bentoml serve TARGET`` on a free 127.0.0.1 port, with a private BENTOML_HOME,
+    stopped with every process it started however the block ends (tests/server.py)."""
     log_path = log_dir / f"{target.replace(':', '.').replace('/', '_')}.log"
-    with tempfile.TemporaryDirectory(prefix="bench-bentoml-home-") as bentoml_home:
-        server = start_server(home, log_path, env={"BENTOML_HOME": bentoml_home, **(env or {})}, target=target)
-        try:
-            wait_until(server, timeout=ready_timeout)
-            yield server
-        finally:
-            stop_server(server)
-
-
-def stop_server(server: Server, timeout: float = 20) -> None:
-    """Stop a server and every process it started. BentoML's supervisor puts each worker in a
-    process group of its own, so the workers are collected first and any that outlive their
-    supervisor (killed after ``timeout``) are killed by pid."""
-    import psutil
-
-    try:
-        workers = psutil.Process(server.process.pid).children(recursive=True)
-    except psutil.Error:
-        workers = []
-    server.stop()
-    _, alive = psutil.wait_procs(workers, timeout=timeout)
-    for process in alive:
-        with contextlib.suppress(psutil.Error):
-            process.kill()
-    psutil.wait_procs(alive, timeout=5)
+    with serving_server(home, log_path, env, target, timeout=ready_timeout) as server:
+        yield server
 
 
 # -- statistics -------------------------------------------------------------------------------

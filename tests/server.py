@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,18 +31,35 @@ class Server:
     url: str
     process: subprocess.Popen[bytes]
     log_path: Path
+    bentoml_home: Path | None = None  # private to this server; removed by stop()
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 20) -> None:
+        """Stop the server and every process it started. BentoML's supervisor puts each worker
+        in a process group of its own, so the workers are collected first and any that outlive
+        their supervisor are killed by pid."""
+        import psutil
+
+        try:
+            workers = psutil.Process(self.process.pid).children(recursive=True)
+        except psutil.Error:
+            workers = []
         if self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGTERM)
             try:
-                self.process.wait(timeout=20)
+                self.process.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
+        _, alive = psutil.wait_procs(workers, timeout=5)
+        for process in alive:
+            with contextlib.suppress(psutil.Error):
+                process.kill()
+        psutil.wait_procs(alive, timeout=5)
+        if self.bentoml_home is not None:
+            shutil.rmtree(self.bentoml_home, ignore_errors=True)
 
 
 def start_command(command: Sequence[str], port: int, log_path: Path,
@@ -57,12 +77,30 @@ def start_command(command: Sequence[str], port: int, log_path: Path,
 
 def start_server(home: Path, log_path: Path, env: Mapping[str, str] | None = None,
                  target: str = "service.service:TransferServe") -> Server:
+    """``bentoml serve TARGET`` on a free port. Each server gets a private ``BENTOML_HOME``
+    unless ``env`` names one: ``bentoml serve`` wipes ``$BENTOML_HOME/prometheus_multiproc_dir``
+    when it starts, so servers sharing one would reset each other's ``/metrics``."""
     port = free_port()
     bentoml = Path(sys.executable).with_name("bentoml")
-    return start_command(
-        [str(bentoml), "serve", target, "--host", "127.0.0.1", "--port", str(port)],
-        port, log_path, {"TRANSFER_SERVE_HOME": str(home), **(env or {})},
+    private = None if env and "BENTOML_HOME" in env else Path(tempfile.mkdtemp(prefix="bentoml-home-"))
+    server = start_command(
+        [str(bentoml), "serve", target, "--host", "127.0.0.1", "--port", str(port)], port, log_path,
+        {"TRANSFER_SERVE_HOME": str(home), **({"BENTOML_HOME": str(private)} if private else {}), **(env or {})},
     )
+    server.bentoml_home = private
+    return server
+
+
+@contextlib.contextmanager
+def serving(home: Path, log_path: Path, env: Mapping[str, str] | None = None,
+            target: str = "service.service:TransferServe", timeout: float = 180) -> Iterator[Server]:
+    """A ready server (``/readyz`` 200) for the block; stopped however the block ends."""
+    server = start_server(home, log_path, env, target)
+    try:
+        wait_until(server, timeout=timeout)
+        yield server
+    finally:
+        server.stop()
 
 
 def wait_until(server: Server, path: str = "/readyz", status: int = 200, timeout: float = 120) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.server import Server, start_server, wait_until
+from tests.server import Server, serving
 
 LIMITS = {
     "TRANSFER_SERVE_MAX_FILES": "8",
@@ -21,13 +21,8 @@ LIMITS = {
 
 @pytest.fixture(scope="session")
 def server(bootstrapped_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    log = tmp_path_factory.mktemp("server") / "serve.log"
-    running = start_server(bootstrapped_home, log, LIMITS)
-    try:
-        wait_until(running)
+    with serving(bootstrapped_home, tmp_path_factory.mktemp("server") / "serve.log", LIMITS) as running:
         yield running
-    finally:
-        running.stop()
 
 
 @pytest.fixture

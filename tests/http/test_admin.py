@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from tests.conftest import ROOT, jpeg_files
-from tests.server import Server, start_server, wait_until
+from tests.server import Server, serving, start_server, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -29,12 +29,8 @@ def admin_server(bootstrapped_home: Path, tmp_path_factory: pytest.TempPathFacto
     root = tmp_path_factory.mktemp("admin")
     home = root / "home"
     shutil.copytree(bootstrapped_home, home)
-    server = start_server(home, root / "serve.log", WORKERS)
-    try:
-        wait_until(server)
+    with serving(home, root / "serve.log", WORKERS) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture
