@@ -99,26 +99,31 @@ def patched_environ(values: Mapping[str, str]) -> Iterator[None]:
                 os.environ[key] = old
 
 
-def limit_runtime(home: Path, service_env: Mapping[str, str]) -> Any:
-    """The service's own ModelRuntime, loaded (same session options and providers as the
-    service would pick with ``service_env``), with one session using every core. Only its
-    session is used, so the limit does not depend on what the service sends between processes."""
+def limit_runtimes(home: Path, service_env: Mapping[str, str], sessions: int, threads: int) -> list[Any]:
+    """``sessions`` loaded copies of the service's own ModelRuntime (same session options and
+    providers as the service would pick with ``service_env``), ``threads`` onnxruntime threads
+    each. Only their sessions are used, so the limit does not depend on what the service sends
+    between processes."""
     from service.runtime import ModelRuntime
-    from service.settings import Settings, cpu_count
+    from service.settings import Settings
 
     with patched_environ(service_env):
-        settings = Settings(home=home, inference_workers=1, intra_op_threads=cpu_count())
-    runtime = ModelRuntime(settings)
-    runtime.refresh()
-    if runtime.loaded is None:
-        raise RuntimeError(f"could not load the active model version from {home} (see the log above)")
-    return runtime
+        settings = Settings(home=home, inference_workers=sessions, intra_op_threads=threads)
+    runtimes = []
+    for _ in range(sessions):
+        runtime = ModelRuntime(settings)
+        runtime.refresh()
+        if runtime.loaded is None:
+            raise RuntimeError(f"could not load the active model version from {home} (see the log above)")
+        runtimes.append(runtime)
+    return runtimes
 
 
-def limit_run(runtime: Any, images: Sequence[ImageFile], *, batch_size: int, seconds: float,
+def limit_run(runtimes: Sequence[Any], images: Sequence[ImageFile], *, batch_size: int, seconds: float,
               warmup: float, decode_threads: int, probes: Sequence[Any] = ()) -> dict[str, Any]:
     """Images/s of decode threads (``models.preprocess.preprocess``) feeding ``batch_size``
-    batches to the runtime's onnxruntime session (logits, then softmax, as the service does).
+    batches to the runtimes' onnxruntime sessions, one consumer thread per session (logits,
+    then softmax, as the service does; ``session.run`` releases the GIL).
 
     Throughput is measured between the first and the last batch that complete inside the
     window (images of the batches after the first / time between them), so it does not depend
@@ -127,10 +132,13 @@ def limit_run(runtime: Any, images: Sequence[ImageFile], *, batch_size: int, sec
     from models.preprocess import preprocess
     from models.spec import ONNX_INPUT, ONNX_LOGITS
 
-    config = runtime.loaded.spec.preprocess
-    session = runtime.loaded.session
-    ready: queue.Queue[np.ndarray] = queue.Queue(maxsize=2 * batch_size + decode_threads)
+    config = runtimes[0].loaded.spec.preprocess
+    size = config.input_size
+    ready: queue.Queue[np.ndarray] = queue.Queue(maxsize=2 * batch_size * len(runtimes) + decode_threads)
     stop = threading.Event()
+    lock = threading.Lock()
+    completions: list[float] = []
+    failures: list[BaseException] = []
 
     def decode(first: int) -> None:
         index = first
@@ -144,55 +152,61 @@ def limit_run(runtime: Any, images: Sequence[ImageFile], *, batch_size: int, sec
                 except queue.Full:
                     continue
 
-    threads = [threading.Thread(target=decode, args=(k,), name=f"decode-{k}", daemon=True)
-               for k in range(decode_threads)]
-    for thread in threads:
-        thread.start()
-    size = config.input_size
-    batch = np.empty((batch_size, 3, size, size), np.float32)
-    completions: list[float] = []
-    try:
-        started = time.perf_counter()
-        window_start, window_end = started + warmup, started + warmup + seconds
-        measuring = False
-        probed_from = probed_to = 0.0
-        probed_batches = 0  # completed while the probes ran: what their CPU time paid for
-        # a slow large batch may not finish twice in a short window: then measure until it has
-        while (now := time.perf_counter()) < window_end or len(completions) < 3:
-            if not measuring and now >= window_start:
-                for probe in probes:
-                    probe.start()
-                measuring, probed_from = True, time.perf_counter()
-            for row in range(batch_size):
-                try:
+    def consume(session: Any) -> None:
+        batch = np.empty((batch_size, 3, size, size), np.float32)
+        try:
+            while not stop.is_set():
+                for row in range(batch_size):
                     batch[row] = ready.get(timeout=60)
-                except queue.Empty:
-                    raise RuntimeError("the decode threads stopped producing (a bad image?)") from None
-            (logits,) = session.run([ONNX_LOGITS], {ONNX_INPUT: batch})
-            softmax(logits)
-            done = time.perf_counter()
-            probed_batches += measuring
-            if measuring and (done <= window_end or len(completions) < 3):
-                completions.append(done)
+                (logits,) = session.run([ONNX_LOGITS], {ONNX_INPUT: batch})
+                softmax(logits)
+                with lock:
+                    completions.append(time.perf_counter())
+        except queue.Empty:
+            if not stop.is_set():
+                failures.append(RuntimeError("the decode threads stopped producing (a bad image?)"))
+        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+            failures.append(exc)
+
+    workers = [threading.Thread(target=decode, args=(k,), name=f"decode-{k}", daemon=True)
+               for k in range(decode_threads)]
+    workers += [threading.Thread(target=consume, args=(r.loaded.session,), name=f"onnx-{k}", daemon=True)
+                for k, r in enumerate(runtimes)]
+    started = time.perf_counter()
+    window_start, window_end = started + warmup, started + warmup + seconds
+    for thread in workers:
+        thread.start()
+    try:
+        time.sleep(max(0.0, window_start - time.perf_counter()))
+        for probe in probes:
+            probe.start()
+        probed_from = time.perf_counter()
+        while time.perf_counter() < window_end or sum(1 for c in completions if c >= window_start) < 3:
+            if failures:
+                raise failures[0]
+            time.sleep(0.05)
         probed_to = time.perf_counter()
         for probe in probes:
             probe.stop()
     finally:
         stop.set()
-        for thread in threads:
+        for thread in workers:
             thread.join(timeout=10)
-    span = completions[-1] - completions[0]
-    images_done = (len(completions) - 1) * batch_size
-    return {"batch_size": batch_size, "throughput": images_done / span, "images": images_done,
-            "seconds": span, "batches": len(completions), "probed_seconds": probed_to - probed_from,
-            "probed_images": probed_batches * batch_size}
+    with lock:
+        inside = sorted(c for c in completions if window_start <= c <= max(window_end, probed_to))
+        probed_batches = sum(1 for c in completions if probed_from <= c <= probed_to)
+    span = inside[-1] - inside[0]
+    images_done = (len(inside) - 1) * batch_size
+    return {"batch_size": batch_size, "sessions": len(runtimes), "throughput": images_done / span,
+            "images": images_done, "seconds": span, "batches": len(inside),
+            "probed_seconds": probed_to - probed_from, "probed_images": probed_batches * batch_size}
 
 
 @dataclass
 class Limit:
-    """The in-process setup, ready to measure: runtime loaded, best batch size chosen."""
+    """The in-process setup, ready to measure: runtimes loaded, best layout and batch size."""
 
-    runtime: Any
+    runtimes: list[Any]
     batch_size: int
     decode_threads: int
     sweep: list[dict[str, Any]]
@@ -200,26 +214,33 @@ class Limit:
 
 def prepare_limit(home: Path, images: Sequence[ImageFile], args: argparse.Namespace,
                   progress: Progress) -> Limit:
+    """Sweep both ways to use every core (one session with a thread per core, or a
+    single-thread session per core) and the batch sizes; keep the fastest."""
     from service.settings import cpu_count
 
-    runtime = limit_runtime(home, args.service_env)
-    decode_threads = cpu_count()
-    progress(f"limit: {runtime.loaded.version} on {', '.join(runtime.loaded.providers)}, "
-             f"{runtime.settings.intra_op_threads} onnxruntime threads, {decode_threads} decode threads; "
-             f"batch size sweep, {args.sweep_seconds:g}s each")
+    cores = cpu_count()
+    decode_threads = cores
     sweep = []
-    for batch_size in BATCH_SIZES:
-        cpu, machine = ProcessCPU(tree=False, root_label="this process"), SystemCPU()
-        figures = limit_run(runtime, images, batch_size=batch_size, seconds=args.sweep_seconds,
-                            warmup=1.0, decode_threads=decode_threads, probes=[cpu, machine])
-        used = sum(cpu.seconds().values())
-        figures["cpu_ms_per_image"] = 1000 * used / max(figures["probed_images"], 1)
-        figures["other_cores_busy"] = max(0.0, machine.busy_seconds() - used) / figures["probed_seconds"]
-        sweep.append(figures)
-        progress(f"limit: batch {batch_size:2d}: {figures['throughput']:.1f} img/s "
-                 f"(other load {figures['other_cores_busy']:.2f} cores)")
-    best = max(sweep, key=lambda f: f["throughput"])["batch_size"]
-    return Limit(runtime, best, decode_threads, sweep)
+    layouts = {(1, cores): limit_runtimes(home, args.service_env, 1, cores)}
+    if cores > 1:
+        layouts[(cores, 1)] = limit_runtimes(home, args.service_env, cores, 1)
+    first = next(iter(layouts.values()))[0]
+    progress(f"limit: {first.loaded.version} on {', '.join(first.loaded.providers)}, {decode_threads} decode "
+             f"threads; sweep of sessions x threads {list(layouts)} and batch sizes, {args.sweep_seconds:g}s each")
+    for (sessions, threads), runtimes in layouts.items():
+        for batch_size in BATCH_SIZES:
+            cpu, machine = ProcessCPU(tree=False, root_label="this process"), SystemCPU()
+            figures = limit_run(runtimes, images, batch_size=batch_size, seconds=args.sweep_seconds,
+                                warmup=1.0, decode_threads=decode_threads, probes=[cpu, machine])
+            used = sum(cpu.seconds().values())
+            figures["threads_per_session"] = threads
+            figures["cpu_ms_per_image"] = 1000 * used / max(figures["probed_images"], 1)
+            figures["other_cores_busy"] = max(0.0, machine.busy_seconds() - used) / figures["probed_seconds"]
+            sweep.append(figures)
+            progress(f"limit: {sessions}x{threads} batch {batch_size:2d}: {figures['throughput']:.1f} img/s "
+                     f"(other load {figures['other_cores_busy']:.2f} cores)")
+    best = max(sweep, key=lambda f: f["throughput"])
+    return Limit(layouts[(best["sessions"], best["threads_per_session"])], best["batch_size"], decode_threads, sweep)
 
 
 @dataclass
@@ -287,7 +308,7 @@ def measure_limit_round(tally: Tally, limit: Limit, images: Sequence[ImageFile],
                         args: argparse.Namespace) -> float:
     cpu = ProcessCPU(tree=False, root_label="this process")
     machine = SystemCPU()
-    run = limit_run(limit.runtime, images, batch_size=limit.batch_size, seconds=seconds, warmup=args.warmup,
+    run = limit_run(limit.runtimes, images, batch_size=limit.batch_size, seconds=seconds, warmup=args.warmup,
                     decode_threads=limit.decode_threads, probes=[cpu, machine])
     tally.images += run["images"]
     tally.seconds += run["seconds"]
@@ -371,7 +392,7 @@ def print_report(results: Mapping[str, dict[str, Any]], failures: Mapping[str, s
             print(f"{name:<14}failed: {failures[name]}")
             continue
         r = results[name]
-        label = f"limit (b={r['batch_size']})" if name == "limit" else name
+        label = f"limit ({r['sessions']}x{r['intra_op_threads']}, b={r['batch_size']})" if name == "limit" else name
         lat = r["latency_ms"]
         print(f"{label:<14}{r['throughput']:>8.1f}{_fmt(lat['p50']):>9}{_fmt(lat['p95']):>9}{_fmt(lat['p99']):>9}"
               f"{r['errors']:>8}{r['cpu']['server_ms_per_image']:>12.1f}{r['cpu']['server_cores_busy']:>12.2f}"
@@ -387,8 +408,9 @@ def print_report(results: Mapping[str, dict[str, Any]], failures: Mapping[str, s
         print("img/s per round: " + "   ".join(
             f"{name}: {' / '.join(f'{t:.1f}' for t in results[name]['throughput_per_round'])}" for name in results))
     if "limit" in results:
-        sweep = "  ".join(f"b={f['batch_size']}: {f['throughput']:.1f}" for f in results["limit"]["sweep"])
-        print(f"\nlimit, batch size sweep ({args.sweep_seconds:g}s each, img/s): {sweep}")
+        sweep = "  ".join(f"{f['sessions']}x{f['threads_per_session']} b={f['batch_size']}: {f['throughput']:.1f}"
+                          for f in results["limit"]["sweep"])
+        print(f"\nlimit, sweep of sessions x threads and batch size ({args.sweep_seconds:g}s each, img/s): {sweep}")
         busy = [f"b={f['batch_size']}" for f in results["limit"]["sweep"] if f["other_cores_busy"] > OTHER_LOAD_WARNING]
         if busy:
             print(f"note: other work used more than {OTHER_LOAD_WARNING:g} cores during the sweep at {', '.join(busy)}; "
@@ -566,8 +588,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = {name: tally.figures() for name, tally in tallies.items()}
     if limit is not None and "limit" in results:
         results["limit"].update(
-            batch_size=limit.batch_size, sweep=limit.sweep, providers=list(limit.runtime.loaded.providers),
-            intra_op_threads=limit.runtime.settings.intra_op_threads, decode_threads=limit.decode_threads)
+            batch_size=limit.batch_size, sweep=limit.sweep, providers=list(limit.runtimes[0].loaded.providers), sessions=len(limit.runtimes),
+            intra_op_threads=limit.runtimes[0].settings.intra_op_threads, decode_threads=limit.decode_threads)
     summary = {
         "cores": cpu_count(), "images": describe_images(images),
         "ratios": ratios(results, args.concurrency),

@@ -228,7 +228,7 @@ def retrain(home: Path, params: RetrainParams, report: Callable[..., None], thre
 
 def main(argv: list[str] | None = None) -> int:
     from .jobs import JobStore
-    from .settings import get_settings
+    from .settings import cpu_count, get_settings
 
     parser = argparse.ArgumentParser(prog="python -m service.retrain")
     parser.add_argument("job_id")
@@ -250,8 +250,9 @@ def main(argv: list[str] | None = None) -> int:
 
     jobs.update(args.job_id, state="running", phase="starting", pid=os.getpid())
     try:
+        # every core: the job is niced, so serving still comes first
         result = retrain(settings.home, RetrainParams.model_validate(job["params"] or {}), report,
-                         threads=settings.intra_op_threads)
+                         threads=cpu_count())
     except SystemExit as exc:
         jobs.update(args.job_id, state="failed", error=str(exc))
         return 1
