@@ -80,7 +80,10 @@ class Settings(BaseSettings):
         if self.workers == 0:
             self.workers = 1 if cores <= 2 else min(cores // 2, 8)
         if self.inference_workers == 0:
-            self.inference_workers = 1 if self.providers in ("cuda", "tensorrt") else cores
+            from .providers import cuda_device_count  # imports this module: import here
+
+            gpu = self.providers in ("cuda", "tensorrt") or (self.providers == "auto" and cuda_device_count() > 0)
+            self.inference_workers = 1 if gpu else cores  # one GPU context, or a process per core
         if self.intra_op_threads == 0:
             self.intra_op_threads = max(1, cores // self.inference_workers)
         if self.inference_workers * self.intra_op_threads > cores:
