@@ -23,7 +23,6 @@ from models.errors import InputError, ModelError, VersionNotFoundError
 from models.preprocess import decode_image
 from models.registry import ModelRegistry
 
-from .embeddings import EmbeddingCache  # noqa: F401 - imported for its schema side effect in tests
 from .jobs import JobConflict, JobStore, launch
 from .labels import LabelStore, validate_label
 from .limits import send_json

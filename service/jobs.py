@@ -10,6 +10,7 @@ anyone looks.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -19,10 +20,11 @@ import sys
 import threading
 import uuid
 from datetime import datetime, timezone
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .db import connect, database_path, transaction
+from .db import connected, database_path, transaction
 
 log = logging.getLogger(__name__)
 
@@ -83,10 +85,11 @@ class JobStore:
         with self._conn() as conn:
             conn.execute(_SCHEMA)
 
-    def _conn(self) -> _Closing:
-        conn = connect(self.path)
-        conn.row_factory = sqlite3.Row
-        return _Closing(conn)
+    @contextlib.contextmanager
+    def _conn(self) -> Iterator[sqlite3.Connection]:
+        with connected(self.path) as conn:
+            conn.row_factory = sqlite3.Row
+            yield conn
 
     @staticmethod
     def _row(row: Any) -> dict[str, Any]:
@@ -118,7 +121,8 @@ class JobStore:
                 (job_id, json.dumps(params), parent, now, now),
             )
         job = self.get(job_id)
-        assert job is not None  # noqa: S101 - just inserted in this process
+        if job is None:  # only if the database lost a committed row
+            raise RuntimeError(f"job {job_id} vanished right after it was created")
         return job
 
     def update(self, job_id: str, **fields: Any) -> None:
@@ -149,19 +153,6 @@ class JobStore:
                 log.warning("retrain job %s marked failed: its process is gone", row["id"])
                 failed += 1
         return failed
-
-
-class _Closing:
-    """``with`` support that closes (not just commits) a sqlite3 connection."""
-
-    def __init__(self, conn: Any) -> None:
-        self.conn = conn
-
-    def __enter__(self) -> Any:
-        return self.conn
-
-    def __exit__(self, *exc: object) -> None:
-        self.conn.close()
 
 
 def launch(home: Path, job_id: str) -> int:

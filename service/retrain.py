@@ -67,8 +67,9 @@ def usable_labels(parent: ModelVersion, store_counts: dict[str, int]) -> list[st
     return kept + sorted(set(store_counts) - set(kept))
 
 
-def check_retrainable(store: LabelStore, parent: ModelVersion | None) -> None:
-    """Raise :class:`RetrainRefused` with the reason if a retrain cannot produce a classifier."""
+def check_retrainable(store: LabelStore, parent: ModelVersion | None) -> ModelVersion:
+    """The version to retrain from; :class:`RetrainRefused` with the reason if a retrain cannot
+    produce a classifier."""
     if parent is None:
         raise RetrainRefused("no active model version to retrain from: run `python -m training bootstrap`")
     counts = store.counts()
@@ -80,6 +81,7 @@ def check_retrainable(store: LabelStore, parent: ModelVersion | None) -> None:
     labels = usable_labels(parent, counts)
     if len(labels) < 2:
         raise RetrainRefused(f"only one class ({labels[0]}); a classifier needs at least two: label images of another class")
+    return parent
 
 
 @dataclass
@@ -130,9 +132,7 @@ def retrain(home: Path, params: RetrainParams, report: Callable[..., None], thre
     registry = ModelRegistry(home)
     store = LabelStore(home)
     cache = EmbeddingCache(home)
-    parent = registry.active()
-    check_retrainable(store, parent)
-    assert parent is not None  # noqa: S101 - checked above
+    parent = check_retrainable(store, registry.active())
     started = time.perf_counter()
     progress("embedding", 0.05)
     images = store.images()
