@@ -6,7 +6,10 @@ fingerprint, creation time, training details), the training set's embeddings and
 (``embeddings.npy``, ``embedding_targets.npy``), the report (``report/``) and ``manifest.json``
 (sha256 of every file). A version counts only once its ``COMPLETE`` marker exists, which is
 written after everything else, so a crash mid-write never leaves a usable half-version. The
-active version is a pointer file replaced atomically (write to a temporary file, then rename).
+active version is a pointer file replaced atomically (write to a temporary file, then rename),
+under a file lock. The pointer also keeps a short activation history, so that when the active
+version turns out to be corrupted (see :meth:`ModelRegistry.fall_back`) the service can go back
+to the last version that was good.
 """
 
 from __future__ import annotations
@@ -47,6 +50,9 @@ HASHES_FILENAME = "embedding_hashes.npy"
 MANIFEST_FILENAME = "manifest.json"
 COMPLETE_MARKER = "COMPLETE"
 REPORT_DIRNAME = "report"
+POINTER_FILENAME = "active_version.json"
+#: How many earlier activations the pointer remembers (candidates for a fall-back).
+HISTORY_LENGTH = 20
 _VERSION_RE = re.compile(r"^v(\d+)$")
 
 
@@ -83,7 +89,7 @@ class ModelVersion:
         try:
             return ModelSpec.from_json((self.path / SPEC_FILENAME).read_bytes())
         except (OSError, ValueError) as exc:
-            raise ModelError(f"version {self.version}: unreadable spec ({exc})") from exc
+            raise ModelError(f"version {self.version}: unreadable {SPEC_FILENAME} ({exc})") from exc
 
     @cached_property
     def info(self) -> dict[str, Any]:
@@ -115,11 +121,19 @@ class ModelVersion:
         """Raise :class:`ModelError` if any file differs from the manifest or the ONNX graph does
         not match the spec. Run before a version is made active."""
         manifest = _read_json(self.path / MANIFEST_FILENAME, self.version)
-        for name, expected in manifest["files"].items():
+        files = manifest.get("files") if isinstance(manifest, dict) else None
+        if not isinstance(files, dict) or ONNX_FILENAME not in files or SPEC_FILENAME not in files:
+            raise ModelError(f"version {self.version}: {MANIFEST_FILENAME} is corrupted (no checksums "
+                             f"of {ONNX_FILENAME} and {SPEC_FILENAME})")
+        for name, expected in files.items():
             file = self.path / name
             if not file.is_file():
                 raise ModelError(f"version {self.version}: {name} is missing")
-            if sha256_file(file) != expected:
+            try:
+                actual = sha256_file(file)
+            except OSError as exc:
+                raise ModelError(f"version {self.version}: {name} is unreadable ({exc})") from exc
+            if actual != expected:
                 raise ModelError(f"version {self.version}: {name} is corrupted (checksum mismatch)")
         check_onnx_contract(self.onnx_path, self.spec)
 
@@ -134,6 +148,16 @@ class ModelVersion:
             "labels": list(self.spec.labels),
             "metrics": self.metrics,
         }
+
+
+@dataclass(frozen=True)
+class Fallback:
+    """What :meth:`ModelRegistry.fall_back` did about a version that failed verification."""
+
+    failed: str | None  #: the version that failed (None: the pointer itself was unreadable)
+    reason: str  #: what is wrong with it
+    version: str | None  #: the version active now; None if no stored version verifies
+    switched: bool  #: True if this call moved the pointer (False: another process already had)
 
 
 def _read_json(path: Path, version: str) -> dict[str, Any]:
@@ -160,7 +184,7 @@ class ModelRegistry:
         self.store_path = self.home / "bentoml" / "models"
         self.store_path.mkdir(parents=True, exist_ok=True)
         self._store = ModelStore(self.store_path)
-        self._pointer = self.home / "active_version.json"
+        self._pointer = self.home / POINTER_FILENAME
         self._lock_path = self.home / ".registry.lock"
 
     # -- reading ------------------------------------------------------------------------------
@@ -193,13 +217,23 @@ class ModelRegistry:
     def is_empty(self) -> bool:
         return not self.versions()
 
-    def active_version(self) -> str | None:
+    def active_pointer(self) -> dict[str, Any] | None:
+        """The pointer record: ``version``, ``activated_at``, ``previous`` (earlier active
+        versions, most recent first) and, after a fall-back, ``fallback_from`` (``version``,
+        ``reason``). None if no version was ever activated."""
         try:
-            return json.loads(self._pointer.read_text())["version"]
+            pointer = json.loads(self._pointer.read_text())
         except FileNotFoundError:
             return None
-        except (ValueError, KeyError) as exc:
+        except (OSError, ValueError) as exc:
             raise ModelError(f"active pointer {self._pointer} is unreadable ({exc})") from exc
+        if not isinstance(pointer, dict) or not isinstance(pointer.get("version"), str):
+            raise ModelError(f"active pointer {self._pointer} is unreadable (no version in it)")
+        return pointer
+
+    def active_version(self) -> str | None:
+        pointer = self.active_pointer()
+        return pointer["version"] if pointer else None
 
     def active(self) -> ModelVersion | None:
         version = self.active_version()
@@ -217,17 +251,71 @@ class ModelRegistry:
             finally:
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
+    def _write_pointer(self, version: str, fallback_from: Mapping[str, Any] | None = None) -> None:
+        """Point at ``version``, remembering the version it replaces. Call with the lock held."""
+        try:
+            current = self.active_pointer()
+        except ModelError:  # an unreadable pointer has no history worth keeping
+            current = None
+        previous: list[str] = []
+        if current is not None:
+            earlier = current.get("previous")
+            names = [current["version"], *(earlier if isinstance(earlier, list) else [])]
+            for name in names:
+                if isinstance(name, str) and name != version and name not in previous:
+                    previous.append(name)
+        pointer: dict[str, Any] = {
+            "version": version,
+            "activated_at": datetime.now(timezone.utc).isoformat(),
+            "previous": previous[:HISTORY_LENGTH],
+        }
+        if fallback_from is not None:
+            pointer["fallback_from"] = dict(fallback_from)
+        write_json_atomic(self._pointer, pointer)
+
     def activate(self, version: str) -> ModelVersion:
         """Verify ``version`` and make it the active one (atomic pointer swap)."""
         target = self.get(version)
         target.verify()
         with self._locked():
-            write_json_atomic(
-                self._pointer,
-                {"version": version, "activated_at": datetime.now(timezone.utc).isoformat()},
-            )
+            self._write_pointer(version)
         log.info("active model version is now %s", version)
         return target
+
+    def fall_back(self, failed: str | None, reason: str) -> Fallback:
+        """The active version ``failed`` did not verify (``reason`` says why; ``failed`` is None
+        if the pointer itself is unreadable): make the last good version active instead.
+
+        The most recently active version that verifies wins, else the newest one that verifies.
+        Runs under the registry lock and only acts if the pointer still names ``failed``, so any
+        number of workers may call it at once: one moves the pointer, the others find it moved
+        (``switched`` False) and load what it names. If nothing verifies, the pointer is left
+        as it is and ``version`` is None.
+        """
+        with self._locked():
+            try:
+                pointer = self.active_pointer()
+            except ModelError:
+                pointer = None
+                if failed is not None:  # unreadable now, yet the caller read it: fall back anyway
+                    log.warning("active pointer became unreadable while falling back from %s", failed)
+            else:
+                current = pointer["version"] if pointer else None
+                if current != failed:  # another worker fell back already, or someone activated
+                    return Fallback(failed, reason, current, switched=False)
+            earlier = pointer.get("previous") if pointer else None
+            history = [v for v in (earlier if isinstance(earlier, list) else []) if isinstance(v, str)]
+            newest_first = [v.version for v in reversed(self.versions())]
+            candidates = [v for v in dict.fromkeys(history + newest_first) if v != failed]
+            for name in candidates:
+                try:
+                    self.get(name).verify()
+                except (ModelError, OSError) as exc:
+                    log.warning("model version %s cannot replace %s: %s", name, failed, exc)
+                    continue
+                self._write_pointer(name, fallback_from={"version": failed, "reason": reason})
+                return Fallback(failed, reason, name, switched=True)
+        return Fallback(failed, reason, None, switched=False)
 
     def register(
         self,

@@ -4,8 +4,9 @@ A job row is the single record of a job: ``state`` (queued, running, succeeded, 
 failed), ``phase``, ``progress`` (0-1), the metrics of both models, the resulting version and the
 error. Only one job may be queued or running at a time; the check and the insert happen in one
 ``BEGIN IMMEDIATE`` transaction, so two concurrent requests cannot both start one. A job whose
-process is gone (killed, or the service stopped) is marked failed with the reason the next time
-anyone looks.
+process is gone is marked failed with the reason: at once by the serving worker that launched it
+(it waits for the process, so it knows the signal that killed it), else the next time anyone
+looks (the service was restarted). A job that has recorded its result is never overwritten.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -62,7 +64,9 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat()
 
 
-def pid_alive(pid: int | None) -> bool:
+def pid_alive(pid: int | None, job_id: str | None = None) -> bool:
+    """Whether process ``pid`` runs (a zombie does not); with ``job_id``, also that it is that
+    job's process and not a later one that was given the same pid."""
     if not pid:
         return False
     try:
@@ -73,9 +77,30 @@ def pid_alive(pid: int | None) -> bool:
         return True
     try:  # a zombie (exited, not yet reaped by its parent) is not alive
         with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+            if fh.read().rsplit(")", 1)[1].split()[0] == "Z":
+                return False
+        if job_id is not None:
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                return job_id.encode() in fh.read().split(b"\0")
     except OSError:
         return True
+    return True
+
+
+ORPHAN_ERROR = ("the retrain process stopped before finishing (killed, crashed, or the service was "
+                "stopped); start a new job")
+
+
+def exit_reason(returncode: int) -> str:
+    """Why a retrain process that ended without recording a result failed, for the job's error."""
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return (f"the retrain process was killed by {name} before finishing (killed by hand or by the "
+                f"out-of-memory killer, or the service was stopped); start a new job")
+    return f"the retrain process exited with status {returncode} before finishing; start a new job"
 
 
 class JobStore:
@@ -136,6 +161,18 @@ class JobStore:
         with self._conn() as conn:
             conn.execute(f"UPDATE jobs SET {columns} WHERE id = ?", (*fields.values(), job_id))  # noqa: S608
 
+    def fail_if_active(self, job_id: str, error: str) -> bool:
+        """Mark the job failed with ``error`` unless it already ended (its own result wins).
+        True if it was still queued or running."""
+        now = _now()
+        with self._conn() as conn:
+            cursor = conn.execute(
+                "UPDATE jobs SET state = 'failed', error = ?, updated_at = ?, finished_at = ? "
+                "WHERE id = ? AND state IN ('queued', 'running')",
+                (error, now, now, job_id),
+            )
+        return cursor.rowcount > 0
+
     def fail_orphans(self) -> int:
         """Mark failed every queued/running job whose process is gone. Returns how many."""
         with self._conn() as conn:
@@ -146,10 +183,7 @@ class JobStore:
                 age = datetime.now(timezone.utc) - datetime.fromisoformat(row["created_at"])
                 if age.total_seconds() < 60:  # being launched right now
                     continue
-            if not pid_alive(row["pid"]):
-                self.update(row["id"], state="failed",
-                            error="the retrain process stopped before finishing (killed, crashed, "
-                                  "or the service was stopped); start a new job")
+            if not pid_alive(row["pid"], row["id"]) and self.fail_if_active(row["id"], ORPHAN_ERROR):
                 log.warning("retrain job %s marked failed: its process is gone", row["id"])
                 failed += 1
         return failed
@@ -166,5 +200,17 @@ def launch(home: Path, job_id: str) -> int:
             cwd=Path(__file__).resolve().parents[1], env=env, stdout=log_file, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
         )
-    threading.Thread(target=process.wait, name=f"reap-{job_id[:8]}", daemon=True).start()  # no zombies
+    reaper = threading.Thread(target=_reap, args=(process, home, job_id), name=f"reap-{job_id[:8]}", daemon=True)
+    reaper.start()
     return process.pid
+
+
+def _reap(process: subprocess.Popen[bytes], home: Path, job_id: str) -> None:
+    """Wait for the job's process (no zombies); if it died without recording a result (killed,
+    crashed), fail the job now with the reason rather than when someone next looks."""
+    returncode = process.wait()
+    try:
+        if JobStore(home).fail_if_active(job_id, exit_reason(returncode)):
+            log.error("retrain job %s failed: %s", job_id, exit_reason(returncode))
+    except sqlite3.Error as exc:  # the next look at the job marks it failed instead
+        log.warning("could not record the end of retrain job %s: %s", job_id, exc)

@@ -5,6 +5,12 @@ A watcher thread polls the registry's active pointer; when it changes, the new v
 verified, loaded and warmed up off the request path, then swapped in with one reference
 assignment. A batch runs entirely on the session it started with, so every result names the
 version that produced it and no request ever waits for a model load.
+
+A version that fails verification (a file differs from its checksum manifest, the graph does not
+match the spec) is never served: the registry falls back to the last good version
+(:meth:`models.registry.ModelRegistry.fall_back`), whichever worker gets there first logs one
+ERROR line that names the bad version, what is wrong with it and the version served instead, and
+every worker loads that one. If no version verifies, nothing is served (not ready).
 """
 
 from __future__ import annotations
@@ -48,7 +54,8 @@ class ModelRuntime:
         self.registry = ModelRegistry(settings.home)
         self.poll_seconds = poll_seconds
         self._loaded: LoadedModel | None = None
-        self._failed_version: str | None = None
+        # the pointer (version, activated_at) that last failed: not retried until it changes
+        self._failed_pointer: tuple[str, str] | None = None
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
 
@@ -75,36 +82,80 @@ class ModelRuntime:
                            tuple(session.get_providers()))
 
     def refresh(self) -> bool:
-        """Load the active version if it is not the loaded one. True if a new one went live."""
+        """Load the active version if it is not the loaded one. True if a new one went live.
+
+        A version that fails verification is replaced by the last good one (at most a few
+        rounds, should the fall-back target fail too while we look at it)."""
+        for _ in range(3):
+            try:
+                pointer = self.registry.active_pointer()
+            except ModelError as exc:
+                key = ("", str(exc))
+                if key == self._failed_pointer or not self._fall_back(None, str(exc), key):
+                    return False
+                continue
+            if pointer is None:
+                return False
+            active = pointer["version"]
+            key = (active, str(pointer.get("activated_at")))
+            current = self._loaded
+            if (current is not None and current.version == active) or key == self._failed_pointer:
+                return False
+            started = time.perf_counter()
+            try:
+                version = self.registry.get(active)
+                version.verify()
+            except ModelError as exc:
+                if not self._fall_back(active, str(exc), key):
+                    return False
+                continue
+            try:
+                loaded = self._session(version)
+            except Exception as exc:  # any failure here must leave the old model serving
+                self._failed_pointer = key
+                log.error("could not load model version %s, still serving %s: %s",
+                          active, current.version if current else "nothing", exc)
+                return False
+            self._loaded = loaded  # the swap: one reference assignment
+            self._failed_pointer = None
+            log.info("serving model version %s (%d labels) on %s; loaded and warmed up in %.2fs",
+                     loaded.version, loaded.spec.num_classes, ", ".join(loaded.providers),
+                     time.perf_counter() - started)
+            return True
+        return False
+
+    def _fall_back(self, failed: str | None, reason: str, key: tuple[str, str]) -> bool:
+        """Make the registry point at the last good version instead of ``failed``. True if the
+        pointer now names another version to load."""
+        what = f"model version {failed}" if failed else "the active model pointer"
         try:
-            active = self.registry.active_version()
-        except ModelError as exc:
-            log.error("cannot read the active model pointer: %s", exc)
+            result = self.registry.fall_back(failed, reason)
+        except Exception as exc:  # noqa: BLE001 - a broken state directory must not kill the worker
+            result = None
+            log.error("%s failed verification (%s) and falling back failed: %s", what, reason, exc)
+        if result is None or result.version is None:
+            self._failed_pointer = key
+            current = self._loaded
+            if result is not None:
+                log.error("%s failed verification (%s) and no other stored version verifies: still "
+                          "serving %s; %s until a good version is activated with "
+                          "POST /admin/models/{version}/activate", what, reason,
+                          current.version if current else "nothing",
+                          "serving on" if current else "not ready")
             return False
-        current = self._loaded
-        if active is None or (current is not None and current.version == active) or active == self._failed_version:
-            return False
-        started = time.perf_counter()
-        try:
-            version = self.registry.get(active)
-            version.verify()
-            loaded = self._session(version)
-        except Exception as exc:  # any failure here must leave the old model serving
-            self._failed_version = active
-            log.error("could not load model version %s, still serving %s: %s",
-                      active, current.version if current else "nothing", exc)
-            return False
-        self._loaded = loaded  # the swap: one reference assignment
-        self._failed_version = None
-        log.info("serving model version %s (%d labels) on %s; loaded and warmed up in %.2fs",
-                 loaded.version, loaded.spec.num_classes, ", ".join(loaded.providers),
-                 time.perf_counter() - started)
+        if result.switched:
+            log.error("MODEL FALLBACK: %s failed verification (%s); now serving %s instead. Repair or "
+                      "remove it, or activate another version with POST /admin/models/{version}/activate",
+                      what, reason, result.version)
+        else:
+            log.info("%s failed verification (%s); another worker already switched to %s",
+                     what, reason, result.version)
         return True
 
     def start(self) -> None:
         """Load the active version now, then keep watching the pointer in the background."""
         self.refresh()
-        if self._loaded is None:
+        if self._loaded is None and self._failed_pointer is None:
             log.warning("no model version is active in %s yet; run `python -m training bootstrap`."
                         " Not ready until one is.", self.settings.home)
         self._watcher = threading.Thread(target=self._watch, name="model-watcher", daemon=True)

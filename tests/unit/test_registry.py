@@ -148,3 +148,214 @@ def test_embeddings_are_never_unpickled(tmp_path: Path) -> None:
     np.save(version.path / "embeddings.npy", np.array([{"evil": 1}], dtype=object), allow_pickle=True)
     with pytest.raises(ValueError, match="pickle"):
         version.training_embeddings()
+
+
+# -- activation history and falling back from a corrupted active version ------------------------
+
+def damage(version_path: Path, name: str = "model.onnx") -> None:
+    """Flip bytes in the middle of a stored file, as a bad disk or a careless hand would."""
+    with (version_path / name).open("r+b") as fh:
+        fh.seek(10)
+        fh.write(b"\x00garbage\x00")
+
+
+def pointer(registry: ModelRegistry) -> dict:
+    return json.loads((registry.home / "active_version.json").read_text())
+
+
+def registry_with(tmp_path: Path, count: int) -> ModelRegistry:
+    registry = ModelRegistry(tmp_path / "home")
+    for _ in range(count):
+        register(registry, tmp_path)
+    return registry
+
+
+def test_the_pointer_remembers_earlier_activations_most_recent_first(tmp_path: Path) -> None:
+    registry = registry_with(tmp_path, 3)  # v1 active on registration
+    for name in ("v3", "v2", "v3"):
+        registry.activate(name)
+    assert pointer(registry)["version"] == "v3"
+    assert pointer(registry)["previous"] == ["v2", "v1"]  # no duplicates, never the active one
+    assert "fallback_from" not in pointer(registry)
+
+
+def test_fall_back_picks_the_most_recently_active_version_that_verifies(tmp_path: Path) -> None:
+    registry = registry_with(tmp_path, 4)
+    for name in ("v2", "v3", "v4"):  # history: v3, v2, v1
+        registry.activate(name)
+    damage(registry.get("v4").path)
+    damage(registry.get("v3").path, "spec.json")  # the most recent one is damaged too
+    result = registry.fall_back("v4", "model.onnx is corrupted")
+    assert (result.version, result.switched, result.failed) == ("v2", True, "v4")
+    assert registry.active_version() == "v2"
+    record = pointer(registry)
+    assert record["fallback_from"] == {"version": "v4", "reason": "model.onnx is corrupted"}
+    assert record["previous"][0] == "v4"  # kept: once repaired it may be activated again
+    registry.activate("v1")  # an ordinary activation clears the fall-back note
+    assert "fallback_from" not in pointer(registry)
+
+
+def test_without_history_the_newest_version_that_verifies_wins(tmp_path: Path) -> None:
+    registry = registry_with(tmp_path, 3)
+    registry.activate("v1")
+    (registry.home / "active_version.json").write_text(json.dumps({"version": "v1"}))  # an old-style pointer
+    damage(registry.get("v1").path)
+    result = registry.fall_back("v1", "corrupted")
+    assert (result.version, result.switched) == ("v3", True)
+    assert registry.active_version() == "v3"
+
+
+def test_fall_back_is_idempotent_and_leaves_a_moved_pointer_alone(tmp_path: Path) -> None:
+    registry = registry_with(tmp_path, 3)
+    registry.activate("v3")
+    damage(registry.get("v3").path)
+    first = registry.fall_back("v3", "corrupted")
+    assert (first.version, first.switched) == ("v1", True)
+    before = pointer(registry)
+    again = registry.fall_back("v3", "corrupted")  # a second worker that saw v3 fail
+    assert (again.version, again.switched) == ("v1", False)
+    assert pointer(registry) == before  # not rewritten
+    registry.activate("v2")  # someone activated another version meanwhile
+    late = registry.fall_back("v3", "corrupted")
+    assert (late.version, late.switched) == ("v2", False)
+    assert registry.active_version() == "v2"
+
+
+def test_workers_falling_back_at_once_agree_and_only_one_moves_the_pointer(tmp_path: Path) -> None:
+    import threading
+
+    registry = registry_with(tmp_path, 3)
+    registry.activate("v2")
+    registry.activate("v3")
+    damage(registry.get("v3").path)
+    barrier = threading.Barrier(6)
+    results = []
+
+    def worker() -> None:  # each with its own registry and lock file handle, as separate workers have
+        own = ModelRegistry(tmp_path / "home")
+        barrier.wait()
+        results.append(own.fall_back("v3", "corrupted"))
+
+    threads = [threading.Thread(target=worker) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert {r.version for r in results} == {"v2"}
+    assert sum(r.switched for r in results) == 1
+    assert registry.active_version() == "v2" and pointer(registry)["previous"] == ["v3", "v1"]
+
+
+def test_when_nothing_verifies_the_pointer_stays_and_nothing_is_chosen(tmp_path: Path) -> None:
+    registry = registry_with(tmp_path, 2)
+    registry.activate("v2")
+    damage(registry.get("v1").path)
+    damage(registry.get("v2").path, "spec.json")
+    before = pointer(registry)
+    result = registry.fall_back("v2", "corrupted")
+    assert (result.version, result.switched) == (None, False)
+    assert pointer(registry) == before
+
+
+def test_an_unreadable_pointer_falls_back_to_the_newest_good_version(tmp_path: Path) -> None:
+    registry = registry_with(tmp_path, 2)
+    (registry.home / "active_version.json").write_text("{torn")
+    with pytest.raises(ModelError, match="unreadable"):
+        registry.active_version()
+    result = registry.fall_back(None, "unreadable pointer")
+    assert (result.version, result.switched) == ("v2", True)
+    assert registry.active_version() == "v2"
+
+
+@pytest.mark.parametrize("manifest", ["{not json", '{"files": "nope"}', "[]", '{"files": {}}'])
+def test_a_damaged_manifest_fails_verification_with_a_model_error(tmp_path: Path, manifest: str) -> None:
+    registry = registry_with(tmp_path, 2)
+    (registry.get("v2").path / "manifest.json").write_text(manifest)
+    with pytest.raises(ModelError, match="manifest.json"):
+        registry.activate("v2")
+    assert registry.active_version() == "v1"
+
+
+# -- an inference worker's runtime follows the fall-back (real onnxruntime, tiny model) ----------
+
+def runtime_for(registry: ModelRegistry):
+    from service.runtime import ModelRuntime
+    from service.settings import Settings
+
+    settings = Settings(home=registry.home, providers="cpu", inference_workers=1, intra_op_threads=1,
+                        max_batch_size=2)
+    return ModelRuntime(settings)
+
+
+def errors_logged(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelname == "ERROR" and r.name == "service.runtime"]
+
+
+def test_a_worker_starting_on_a_corrupted_active_version_serves_the_last_good_one(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    registry = registry_with(tmp_path, 2)
+    registry.activate("v2")
+    damage(registry.get("v2").path)
+    runtime = runtime_for(registry)
+    with caplog.at_level("INFO"):
+        assert runtime.refresh()
+    assert runtime.loaded is not None and runtime.loaded.version == "v1"
+    assert registry.active_version() == "v1"
+    [line] = errors_logged(caplog)  # one loud line: the bad version, what is wrong, what is served
+    assert "MODEL FALLBACK" in line and "model version v2" in line
+    assert "model.onnx is corrupted" in line and "now serving v1" in line
+    model, probabilities = runtime.infer(np.zeros((1, 4, 4, 3), np.uint8))
+    assert model.version == "v1" and probabilities.shape == (1, 2)
+    second = runtime_for(registry)  # another worker starting later simply loads v1
+    with caplog.at_level("INFO"):
+        assert second.refresh()
+    assert second.loaded is not None and second.loaded.version == "v1"
+    assert len(errors_logged(caplog)) == 1
+
+
+def test_a_pointer_moved_to_a_corrupted_version_is_moved_back(tmp_path: Path) -> None:
+    registry = registry_with(tmp_path, 2)
+    runtime = runtime_for(registry)
+    assert runtime.refresh() and runtime.loaded.version == "v1"  # type: ignore[union-attr]
+    registry.activate("v2")
+    damage(registry.get("v2").path, "spec.json")  # damaged after it was verified
+    assert not runtime.refresh()  # nothing new went live
+    assert runtime.loaded.version == "v1"  # type: ignore[union-attr]
+    assert registry.active_version() == "v1"
+    assert pointer(registry)["fallback_from"]["version"] == "v2"
+
+
+def test_when_nothing_verifies_a_worker_is_not_ready_until_a_good_version_is_activated(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    registry = registry_with(tmp_path, 2)
+    damage(registry.get("v1").path)
+    damage(registry.get("v2").path)
+    runtime = runtime_for(registry)
+    with caplog.at_level("INFO"):
+        assert not runtime.refresh()
+        assert not runtime.refresh()  # not retried (nor logged) until the pointer changes
+    assert runtime.loaded is None
+    [line] = errors_logged(caplog)
+    assert "model version v1" in line and "no other stored version verifies" in line and "not ready" in line
+    from service.runtime import ModelNotLoaded
+
+    with pytest.raises(ModelNotLoaded):
+        runtime.infer(np.zeros((1, 4, 4, 3), np.uint8))
+    register(registry, tmp_path, activate=True)  # v3, good
+    assert runtime.refresh() and runtime.loaded.version == "v3"  # type: ignore[union-attr]
+
+
+def test_a_worker_facing_an_unreadable_pointer_serves_the_newest_good_version(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    registry = registry_with(tmp_path, 2)
+    damage(registry.get("v2").path)
+    (registry.home / "active_version.json").write_text("{torn")
+    runtime = runtime_for(registry)
+    with caplog.at_level("INFO"):
+        assert runtime.refresh()
+    assert runtime.loaded is not None and runtime.loaded.version == "v1"
+    [line] = errors_logged(caplog)
+    assert "MODEL FALLBACK" in line and "active model pointer" in line and "now serving v1" in line

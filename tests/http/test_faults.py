@@ -1,0 +1,279 @@
+"""Faults around model versions, retrain processes and restarts, against a real `bentoml serve`
+(1 HTTP and 2 inference workers) on real files: a retrain process killed with SIGKILL mid-job
+while clients keep predicting, activation of a corrupted version, a restart that must keep every
+piece of state, a restart on a corrupted active version (falls back to the last good one), and a
+restart when no version verifies at all.
+
+The tests run in order on one state directory (a copy of the session's bootstrapped home), each
+building on what the one before left, as an operator's day would.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+
+from service.jobs import JobStore
+from tests.conftest import jpeg_files
+from tests.http.test_admin import (AUTH, CHELSEA, TOKEN, predicted_versions, upload, wait_for_job,
+                                   wait_for_version)
+from tests.server import Server, serving, start_server, wait_until
+
+pytestmark = pytest.mark.slow
+
+ENV = {"TRANSFER_SERVE_WORKERS": "1", "TRANSFER_SERVE_INFERENCE_WORKERS": "2",
+       "TRANSFER_SERVE_INTRA_OP_THREADS": "1", "TRANSFER_SERVE_ADMIN_TOKEN": TOKEN}
+PER_CLASS = 32  # 64 images: 4 batches to embed, seconds of work in which to kill the job
+FALLBACK_LINE = "MODEL FALLBACK"
+
+
+@pytest.fixture(scope="module")
+def home(bootstrapped_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    home = tmp_path_factory.mktemp("faults") / "home"
+    shutil.copytree(bootstrapped_home, home)
+    return home
+
+
+@pytest.fixture(scope="module")
+def first_server(home: Path) -> Iterator[Server]:
+    """The server of the first tests; the restart test stops it (stopping twice is harmless)."""
+    with serving(home, home.parent / "first.log", ENV) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def seen() -> dict[str, Any]:
+    """What earlier tests left for later ones (job ids)."""
+    return {}
+
+
+def version_dir(home: Path, version: str) -> Path:
+    return home / "bentoml" / "models" / "transfer-serve" / version
+
+
+def flip_bytes(path: Path, count: int = 8) -> bytes:
+    """Invert ``count`` bytes in the middle of ``path``; returns the original content."""
+    original = path.read_bytes()
+    middle = len(original) // 2
+    flipped = bytes(b ^ 0xFF for b in original[middle:middle + count])
+    path.write_bytes(original[:middle] + flipped + original[middle + count:])
+    return original
+
+
+def label_files(home: Path) -> dict[str, int]:
+    """Every stored label image: name -> size. Files are named by the sha256 of their bytes."""
+    files = {}
+    for path in (home / "labels" / "images").rglob("*"):
+        if path.is_file():
+            assert hashlib.sha256(path.read_bytes()).hexdigest() == path.name, f"{path} is damaged"
+            files[path.name] = path.stat().st_size
+    return files
+
+
+def process_gone(process: psutil.Process) -> bool:
+    """Exited (a zombie not yet reaped by its parent counts as exited)."""
+    try:
+        return process.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+class PredictionStream:
+    """Clients calling ``/predict`` in a loop until stopped; every response is recorded."""
+
+    def __init__(self, url: str, clients: int = 2) -> None:
+        self.url = url
+        self.results: list[tuple[int, str]] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run) for _ in range(clients)]
+
+    def _run(self) -> None:
+        with httpx.Client(base_url=self.url, timeout=60) as http:
+            while not self._stop.is_set():
+                r = http.post("/predict", files=[("images", ("c.jpg", CHELSEA))])
+                answer = r.json()[0]["model_version"] if r.status_code == 200 else r.text
+                self.results.append((r.status_code, answer))
+
+    def __enter__(self) -> PredictionStream:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join()
+
+
+# -- kill -9 the retrain process mid-job ----------------------------------------------------------
+
+def test_a_retrain_process_killed_mid_job_fails_the_job_and_serving_never_stops(
+    first_server: Server, home: Path, hymenoptera: Path, seen: dict[str, Any]
+) -> None:
+    with httpx.Client(base_url=first_server.url, timeout=60, headers=AUTH) as admin:
+        assert upload(admin, "ants", jpeg_files(hymenoptera, "ants")[:PER_CLASS]).status_code == 200
+        assert upload(admin, "bees", jpeg_files(hymenoptera, "bees")[:PER_CLASS]).status_code == 200
+        with PredictionStream(first_server.url) as stream:
+            started = admin.post("/admin/retrain")
+            assert started.status_code == 202, started.text
+            job_id = started.json()["id"]
+            deadline = time.monotonic() + 60
+            while True:  # kill it between batches of embeddings: real work, part of it done and cached
+                job = admin.get(f"/admin/jobs/{job_id}").json()
+                if job["state"] == "running" and job["phase"] == "embedding" and job["progress"] > 0.05:
+                    break
+                assert job["state"] in ("queued", "running") and time.monotonic() < deadline, (
+                    f"never caught the job mid-way (raise PER_CLASS): {job}")
+                time.sleep(0.05)
+            pid = JobStore(home).get(job_id)["pid"]  # type: ignore[index]
+            process = psutil.Process(pid)
+            assert "service.retrain" in process.cmdline() and job_id in process.cmdline()
+            os.kill(pid, signal.SIGKILL)
+            failed = wait_for_job(admin, job_id, timeout=30)
+            assert process_gone(process)
+            for _ in range(5):  # the stream goes on after the kill too
+                predicted_versions(admin, 1)
+        assert failed["state"] == "failed", failed
+        assert "killed" in failed["error"] and "start a new job" in failed["error"], failed
+        assert failed["version"] is None and failed["finished_at"]
+        assert len(stream.results) >= 5
+        assert [r for r in stream.results if r != (200, "v1")] == []  # zero failed predictions
+
+        listing = admin.get("/admin/models").json()
+        assert listing["active"] == "v1" and [v["version"] for v in listing["versions"]] == ["v1"]
+        store = home / "bentoml" / "models" / "transfer-serve"
+        assert sorted(p.name for p in store.iterdir() if p.is_dir()) == ["v1"]  # nothing half-written
+
+        retry = wait_for_job(admin, admin.post("/admin/retrain").json()["id"])
+        assert retry["state"] == "succeeded" and retry["version"] == "v2", retry
+        assert retry["metrics"]["embeddings_computed"] + retry["metrics"]["embeddings_cached"] == 2 * PER_CLASS
+        assert retry["metrics"]["embeddings_cached"] >= 16  # the killed job's finished batches were kept
+        assert admin.get("/admin/models").json()["active"] == "v2"
+        wait_for_version(admin, "v2")  # every inference worker swapped
+        seen["jobs"] = [job_id, retry["id"]]
+
+
+# -- a corrupted stored version cannot be activated ------------------------------------------------
+
+@pytest.mark.parametrize("damaged", ["model.onnx", "spec.json"])
+def test_activating_a_corrupted_version_is_refused_with_the_reason(
+    first_server: Server, home: Path, damaged: str
+) -> None:
+    path = version_dir(home, "v1") / damaged  # v1 is inactive now: v2 serves
+    original = flip_bytes(path)
+    try:
+        with httpx.Client(base_url=first_server.url, timeout=60, headers=AUTH) as admin:
+            refused = admin.post("/admin/models/v1/activate")
+            assert refused.status_code == 409, refused.text
+            message = refused.json()["error"]
+            assert "v1" in message and damaged in message and "corrupted" in message, message
+            listing = admin.get("/admin/models")  # a damaged version is listed, not a 500
+            assert listing.status_code == 200 and listing.json()["active"] == "v2"
+            assert "fallback_from" not in listing.json()
+            assert {v for v, _ in predicted_versions(admin, 4)} == {"v2"}
+    finally:
+        path.write_bytes(original)
+
+
+def test_a_repaired_version_can_be_activated_again(first_server: Server) -> None:
+    with httpx.Client(base_url=first_server.url, timeout=60, headers=AUTH) as admin:
+        assert admin.post("/admin/models/v1/activate").json() == {"active": "v1"}
+        assert admin.post("/admin/models/v2/activate").json() == {"active": "v2"}  # v1 is the last one before
+        assert admin.get("/admin/models").json()["active"] == "v2"
+
+
+# -- restarts --------------------------------------------------------------------------------------
+
+def snapshot(http: httpx.Client, home: Path, job_ids: list[str]) -> dict[str, Any]:
+    return {
+        "labels": http.get("/admin/labels").json(),
+        "models": http.get("/admin/models").json(),
+        "jobs": [http.get(f"/admin/jobs/{job_id}").json() for job_id in job_ids],
+        "pointer": json.loads((home / "active_version.json").read_text()),
+        "label_files": label_files(home),
+    }
+
+
+def test_a_restart_keeps_labels_versions_the_active_pointer_and_job_history(
+    first_server: Server, home: Path, seen: dict[str, Any]
+) -> None:
+    with httpx.Client(base_url=first_server.url, timeout=60, headers=AUTH) as admin:
+        before = snapshot(admin, home, seen["jobs"])
+    first_server.stop()
+    assert before["labels"]["counts"] == {"ants": PER_CLASS, "bees": PER_CLASS}
+    assert len(before["label_files"]) == 2 * PER_CLASS
+    assert [job["state"] for job in before["jobs"]] == ["failed", "succeeded"]
+    assert before["pointer"]["version"] == "v2" and before["pointer"]["previous"][0] == "v1"
+
+    with serving(home, home.parent / "second.log", ENV) as second, \
+            httpx.Client(base_url=second.url, timeout=60, headers=AUTH) as admin:
+        after = snapshot(admin, home, seen["jobs"])
+        assert {v for v, _ in predicted_versions(admin, 4)} == {"v2"}
+        assert after == before
+        assert FALLBACK_LINE not in second.log()
+
+
+def test_a_restart_on_a_corrupted_active_version_serves_the_last_good_one(home: Path) -> None:
+    flip_bytes(version_dir(home, "v2") / "model.onnx")
+    server = start_server(home, home.parent / "third.log", ENV)
+    statuses = []
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # clients that call during start-up see 503s, never a 500
+            try:
+                statuses.append(httpx.post(server.url + "/predict", files=[("images", ("c.jpg", CHELSEA))],
+                                           timeout=30).status_code)
+                if httpx.get(server.url + "/readyz", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                assert server.process.poll() is None, server.log()[-3000:]
+            time.sleep(0.2)
+        wait_until(server, timeout=5)
+        assert set(statuses) <= {200, 503}, statuses
+        with httpx.Client(base_url=server.url, timeout=60, headers=AUTH) as admin:
+            assert {v for v, _ in predicted_versions(admin, 6)} == {"v1"}
+            listing = admin.get("/admin/models").json()
+            assert listing["active"] == "v1"
+            assert listing["fallback_from"]["version"] == "v2"
+            assert "model.onnx is corrupted" in listing["fallback_from"]["reason"]
+            refused = admin.post("/admin/models/v2/activate")
+            assert refused.status_code == 409 and "model.onnx is corrupted" in refused.json()["error"]
+        lines = [line for line in server.log().splitlines() if FALLBACK_LINE in line]
+        assert len(lines) == 1, lines  # one loud line, whichever worker got there first
+        assert "ERROR" in lines[0] and "model version v2" in lines[0]
+        assert "model.onnx is corrupted" in lines[0] and "now serving v1" in lines[0]
+    finally:
+        server.stop()
+
+
+def test_a_restart_when_no_version_verifies_is_not_ready_and_says_why(home: Path) -> None:
+    flip_bytes(version_dir(home, "v1") / "spec.json")  # v1 is active now; v2 is damaged already
+    server = start_server(home, home.parent / "fourth.log", ENV)
+    try:
+        wait_until(server, "/livez")
+        deadline = time.monotonic() + 60
+        while "no other stored version verifies" not in server.log():
+            assert time.monotonic() < deadline, server.log()[-3000:]
+            time.sleep(0.2)
+        assert httpx.get(server.url + "/readyz", timeout=5).status_code == 503
+        response = httpx.post(server.url + "/predict", files=[("images", ("c.jpg", CHELSEA))], timeout=30)
+        assert response.status_code == 503, response.text
+        assert "v1" in response.json()["error"] and "retry" in response.json()["error"]
+        listing = httpx.get(server.url + "/admin/models", headers=AUTH, timeout=30)
+        assert listing.status_code == 200 and listing.json()["active"] == "v1"
+        assert "spec.json" in next(v for v in listing.json()["versions"] if v["version"] == "v1")["error"]
+        assert FALLBACK_LINE not in server.log()
+    finally:
+        server.stop()
