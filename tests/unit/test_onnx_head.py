@@ -36,6 +36,20 @@ def test_verify_head_catches_a_mismatch(tmp_path: Path) -> None:
         verify_head(source, weight, bias + 0.5, x)
 
 
+def test_verify_head_allows_float32_rounding_of_large_heads(tmp_path: Path) -> None:
+    # heads fitted on a few images reach logits in the hundreds; float32 rounding of such sums
+    # exceeds any fixed absolute tolerance, while a wrong head misses by far more
+    source = write_tiny_onnx(tmp_path / "src.onnx")
+    rng = np.random.default_rng(1)
+    weight = (rng.normal(size=(2, 3)) * 3e4).astype(np.float32)
+    bias = (rng.normal(size=2) * 1e3).astype(np.float32)
+    replace_head(source, tmp_path / "big.onnx", weight, bias)
+    x = rng.normal(size=(8, 3, 4, 4)).astype(np.float32)
+    assert verify_head(tmp_path / "big.onnx", weight, bias, x) > 1e-5  # beyond the old fixed bound
+    with pytest.raises(ModelError, match="does not match"):
+        verify_head(tmp_path / "big.onnx", weight, bias * 1.01, x)
+
+
 def test_replace_head_refuses_wrong_shapes(tmp_path: Path) -> None:
     source = write_tiny_onnx(tmp_path / "src.onnx")
     with pytest.raises(ValueError, match="embedding size"):
