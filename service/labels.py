@@ -6,7 +6,10 @@ in a path) and its row in the SQLite table ``images`` holds the label, size and 
 The same bytes uploaded twice are one image; uploaded again with another label, the image moves
 to that label. Files are written atomically (temporary file, fsync, rename) before their row is
 committed, and a file is only removed inside the transaction that removes its row, so any number
-of threads and processes can add and delete at once and every row has its file.
+of threads and processes can add and delete at once and every row has its file. An upload of
+several images is stored all or none: when the state directory cannot take a write (disk full,
+read-only volume...), :class:`~service.db.StorageError` says so, and neither rows nor files of
+that upload remain.
 
 :func:`held_out` fixes, per image, whether it belongs to the evaluation split, from its hash
 alone, so successive retrain jobs compare candidate and active models on the same images.
@@ -20,7 +23,9 @@ import logging
 import os
 import re
 import secrets
+import sqlite3
 import unicodedata
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -162,9 +167,15 @@ class LabelStore:
         self.home = Path(home)
         self.images_dir = self.home / "labels" / "images"
         self.database = db.database_path(self.home)
-        self.images_dir.mkdir(parents=True, exist_ok=True)
-        with db.connected(self.database) as conn:
-            conn.execute(_SCHEMA)
+        try:
+            self.images_dir.mkdir(parents=True, exist_ok=True)
+            with db.connected(self.database) as conn:
+                conn.execute(_SCHEMA)
+        except (OSError, sqlite3.Error) as exc:
+            failure = db.storage_failure(exc, "opening the label store")
+            if failure is None:
+                raise
+            raise failure from exc
 
     # -- paths --------------------------------------------------------------------------------
 
@@ -188,51 +199,100 @@ class LabelStore:
             InvalidLabelError: the label breaks the naming rules.
             ImageDecodeError: the bytes are not a readable image.
             ImageTooLargeError: the image has more than ``max_pixels`` pixels.
+            StorageError: the state directory cannot take the write (disk full, read-only...);
+                nothing was stored.
+        """
+        return self.add_many([data], label, max_pixels=max_pixels)[0]
+
+    def add_many(self, blobs: Sequence[bytes], label: str, *, max_pixels: int) -> list[AddResult]:
+        """Store several images under ``label``, all or none: if any cannot be written, none
+        is stored (no row, and no file this call wrote is left behind).
+
+        The same bytes twice in ``blobs`` are one image (the second is ``"unchanged"``).
+        Raises the errors of :meth:`add`; every image is checked before anything is written.
         """
         validate_label(label)
-        width, height = decode_image(data, max_pixels=max_pixels).size
-        image_id = hashlib.sha256(data).hexdigest()
-        path = self.path_of(image_id)
-        # The write (and its fsync) happens outside the database lock so that concurrent
-        # uploads of different images do not queue behind each other's disk flushes.
-        self._write_file(path, data)
-        now = _now()
-        with db.connected(self.database) as conn, db.transaction(conn):
-            # A delete of these same bytes may have run between the write and here; with the
-            # write lock held nobody can remove the file again before the row is committed.
-            self._write_file(path, data)
-            row = conn.execute("SELECT label FROM images WHERE id = ?", (image_id,)).fetchone()
-            if row is None:
-                conn.execute(
-                    "INSERT INTO images (id, label, size, width, height, created_at, updated_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (image_id, label, len(data), width, height, now, now),
+        checked = []
+        for data in blobs:
+            width, height = decode_image(data, max_pixels=max_pixels).size
+            checked.append((hashlib.sha256(data).hexdigest(), data, width, height))
+        written: set[str] = set()  # image ids whose file this call created
+        try:
+            # The writes (and their fsyncs) happen outside the database lock so that concurrent
+            # uploads of different images do not queue behind each other's disk flushes.
+            for image_id, data, _, _ in checked:
+                if self._write_file(self.path_of(image_id), data):
+                    written.add(image_id)
+            now = _now()
+            results = []
+            with db.connected(self.database) as conn, db.transaction(conn):
+                for image_id, data, width, height in checked:
+                    # A delete of these same bytes may have run between the write and here; with
+                    # the write lock held nobody can remove the file again before the row is
+                    # committed.
+                    if self._write_file(self.path_of(image_id), data):
+                        written.add(image_id)
+                    results.append(self._upsert(conn, image_id, label, len(data), width, height, now))
+        except Exception as exc:
+            failure = db.storage_failure(exc, "storing the labelled image" + ("s" if len(checked) > 1 else ""))
+            self._remove_unreferenced(written)
+            if failure is None:
+                raise
+            log.error("label store: %s (nothing was stored)", failure)
+            raise failure from exc
+        for result in results:
+            if result.status != "unchanged":
+                log.info(
+                    "label store: %s %s as %r%s", result.status, result.image_id[:12], label,
+                    f" (was {result.previous_label!r})" if result.previous_label else "",
                 )
-                status: AddStatus = "stored"
-                previous = None
-            elif row[0] == label:
-                status, previous = "unchanged", None
-            else:
-                conn.execute(
-                    "UPDATE images SET label = ?, updated_at = ? WHERE id = ?",
-                    (label, now, image_id),
-                )
-                status, previous = "moved", row[0]
-        if status != "unchanged":
-            log.info(
-                "label store: %s %s as %r%s", status, image_id[:12], label,
-                f" (was {previous!r})" if previous else "",
-            )
-        return AddResult(image_id, label, status, previous, width, height)
+        return results
 
     @staticmethod
-    def _write_file(path: Path, data: bytes) -> None:
-        """Write ``data`` to ``path`` atomically unless a file of that size is already there."""
+    def _upsert(conn: sqlite3.Connection, image_id: str, label: str, size: int, width: int, height: int,
+                now: str) -> AddResult:
+        row = conn.execute("SELECT label FROM images WHERE id = ?", (image_id,)).fetchone()
+        if row is None:
+            conn.execute(
+                "INSERT INTO images (id, label, size, width, height, created_at, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (image_id, label, size, width, height, now, now),
+            )
+            return AddResult(image_id, label, "stored", None, width, height)
+        if row[0] == label:
+            return AddResult(image_id, label, "unchanged", None, width, height)
+        conn.execute("UPDATE images SET label = ?, updated_at = ? WHERE id = ?", (label, now, image_id))
+        return AddResult(image_id, label, "moved", row[0], width, height)
+
+    @staticmethod
+    def _write_file(path: Path, data: bytes) -> bool:
+        """Write ``data`` to ``path`` atomically unless a file of that size is already there.
+        Returns whether it wrote the file."""
         with contextlib.suppress(FileNotFoundError):
             if path.stat().st_size == len(data):
-                return
+                return False
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, data)
+        return True
+
+    def _remove_unreferenced(self, image_ids: set[str]) -> None:
+        """After a failed add: remove the files of ``image_ids`` that no row refers to.
+
+        Inside a write transaction, as :meth:`delete` does: a concurrent add of the same bytes
+        either committed its row first (the file stays) or rewrites the file under the lock
+        after this (see :meth:`add_many`). If even that transaction fails, the files stay: a
+        file without a row is never read, and is reused if those bytes are uploaded again.
+        """
+        if not image_ids:
+            return
+        try:
+            with db.connected(self.database) as conn, db.transaction(conn):
+                for image_id in sorted(image_ids):
+                    if conn.execute("SELECT 1 FROM images WHERE id = ?", (image_id,)).fetchone() is None:
+                        self.path_of(image_id).unlink(missing_ok=True)
+        except (OSError, sqlite3.Error) as exc:
+            log.warning("label store: could not remove %d unreferenced file(s) after a failed add: %s",
+                        len(image_ids), exc)
 
     def delete(self, image_id: str) -> bool:
         """Remove an image (its row, then its file). False if there is no such image, including

@@ -32,6 +32,7 @@ from models.onnx_io import read_head, replace_head, run_in_batches, verify_head
 from models.preprocess import preprocess
 from models.registry import ModelRegistry, ModelVersion
 
+from .db import storage_failure
 from .embeddings import EmbeddingCache
 from .labels import LabelStore, held_out
 
@@ -221,9 +222,47 @@ def retrain(home: Path, params: RetrainParams, report: Callable[..., None], thre
         )
     if promote:
         progress("activating", 0.98)
-        registry.activate(version.version)
+        try:
+            registry.activate(version.version)
+        except OSError as exc:
+            failure = storage_failure(exc, f"activating the new version {version.version}")
+            if failure is None:
+                raise
+            raise failure from exc
     metrics["seconds"] = round(time.perf_counter() - started, 2)
     return {"state": "succeeded" if promote else "rejected", "version": version.version, "metrics": metrics}
+
+
+#: What a job is writing in each phase, for the operator's message when a write fails.
+_PHASE_WRITES = {
+    "starting": "recording the job's progress",
+    "embedding": "caching the image embeddings",
+    "fitting": "recording the job's progress",
+    "evaluating": "recording the job's progress",
+    "exporting": "writing the new model version",
+    "verifying": "writing the new model version",
+    "activating": "activating the new version",
+}
+
+
+def failure_reason(exc: BaseException, phase: str) -> str:
+    """The job's ``error`` for ``exc``, raised during ``phase``: for a write the state directory
+    could not take, what failed, what it left, and what the operator should do."""
+    failure = storage_failure(exc, _PHASE_WRITES.get(phase, f"the {phase} phase"))
+    if failure is None:
+        return f"{exc.__class__.__name__}: {exc}"
+    if phase == "activating":  # registered, then the pointer could not be replaced
+        left = "the new version is registered but not active (activate it once the problem is fixed)"
+    else:
+        left = "no model version was registered"
+    return f"{failure}; {left}; start a new job once it is fixed"
+
+
+def _record_failure(jobs: Any, job_id: str, reason: str) -> None:
+    try:
+        jobs.update(job_id, state="failed", error=reason)
+    except Exception:  # the database itself cannot be written: the job is marked failed once gone
+        log.exception("could not record that retrain job %s failed (%s)", job_id, reason)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -243,22 +282,26 @@ def main(argv: list[str] | None = None) -> int:
         log.error("no job %s", args.job_id)
         return 2
 
+    phase = "starting"
+
     def report(**fields: Any) -> None:
+        nonlocal phase
         if args.parent_pid and os.getppid() != args.parent_pid:
             raise SystemExit("the service stopped during the job")
         jobs.update(args.job_id, **fields)
+        phase = fields.get("phase", phase)
 
-    jobs.update(args.job_id, state="running", phase="starting", pid=os.getpid())
     try:
+        report(state="running", phase="starting", pid=os.getpid())
         # every core: the job is niced, so serving still comes first
         result = retrain(settings.home, RetrainParams.model_validate(job["params"] or {}), report,
                          threads=cpu_count())
     except SystemExit as exc:
-        jobs.update(args.job_id, state="failed", error=str(exc))
+        _record_failure(jobs, args.job_id, str(exc))
         return 1
     except Exception as exc:  # any failure ends the job failed, with the reason, never half-done
         log.exception("retrain job %s failed", args.job_id)
-        jobs.update(args.job_id, state="failed", error=f"{exc.__class__.__name__}: {exc}")
+        _record_failure(jobs, args.job_id, failure_reason(exc, phase))
         return 1
     jobs.update(args.job_id, phase="done", progress=1.0, **result)
     log.info("retrain job %s %s: %s", args.job_id, result["state"], result["metrics"]["gate"])
