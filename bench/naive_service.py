@@ -61,9 +61,9 @@ class Naive:
         from models.spec import ONNX_INPUT, ONNX_LOGITS
         from service.predict import build_predictions
 
-        results: list[Prediction] = []
+        results: list[dict] = []
         for path in images:
             batch = preprocess(path.read_bytes(), self.spec.preprocess)[None]
             (logits,) = self.session.run([ONNX_LOGITS], {ONNX_INPUT: batch})
             results += build_predictions(softmax(logits), self.spec.labels, top_k, self.version)
-        return results
+        return results  # type: ignore[return-value]

@@ -6,23 +6,27 @@ parameters), behind one bearer-token middleware that guards every route.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
+import sqlite3
 from functools import cached_property
 from typing import Any
 
 from pydantic import ValidationError
 from starlette.applications import Starlette
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
-from starlette.routing import Route
+from starlette.routing import Match, Route
 
 from models.errors import InputError, ModelError, VersionNotFoundError
 from models.preprocess import decode_image
 from models.registry import ModelRegistry
 
+from .db import StorageError, storage_failure
 from .jobs import JobConflict, JobStore, launch
 from .labels import LabelStore, validate_label
 from .limits import send_json
@@ -66,6 +70,15 @@ class AdminAuth:
 
 def error(status: int, message: str, **extra: Any) -> JSONResponse:
     return JSONResponse({"error": message, **extra}, status_code=status)
+
+
+def storage_error(exc: StorageError, outcome: str) -> JSONResponse:
+    """507 Insufficient Storage for a write the state directory could not take: what failed,
+    ``outcome`` (what was and was not done), and what the operator should do. Logged, since the
+    operator may not be the one who sent the request."""
+    log.error("%s; %s", exc, outcome)
+    return error(507, f"{exc.operation} failed: the state directory {exc.problem} ({exc.cause}); "
+                      f"{outcome}. To fix: {exc.hint}, then send the request again.")
 
 
 class Admin:
@@ -120,19 +133,20 @@ class Admin:
                 blobs.append((name, data))
         finally:
             await form.close()
+        try:  # all or none: a write the state directory cannot take leaves nothing behind
+            results = await asyncio.to_thread(self.store.add_many, [data for _, data in blobs], label,
+                                              max_pixels=self.settings.max_pixels)
+        except StorageError as exc:  # disk full, read-only volume: the operator must act
+            return storage_error(exc, f"none of the {len(blobs)} image(s) of this request was stored")
+        counts = await asyncio.to_thread(self.store.counts)
         stored = []
-        for name, data in blobs:
-            try:
-                result = await asyncio.to_thread(self.store.add, data, label, max_pixels=self.settings.max_pixels)
-            except OSError as exc:  # disk full, read-only volume: the operator must act
-                log.error("label store write failed: %s", exc)
-                return error(507, f"could not store the image: {exc.strerror or exc}")
+        for (name, _), result in zip(blobs, results):
             entry = {"image_id": result.image_id, "label": result.label, "status": result.status, "filename": name}
             if result.status == "moved":
                 entry["previous_label"] = result.previous_label
                 entry["note"] = f"these bytes were labelled '{result.previous_label}'; now '{result.label}'"
             stored.append(entry)
-        return JSONResponse({"stored": stored, "counts": self.store.counts()})
+        return JSONResponse({"stored": stored, "counts": counts})
 
     def _not_in_active(self) -> tuple[str | None, int]:
         active = self.registry.active()
@@ -164,13 +178,34 @@ class Admin:
         parent = self.registry.active()
         try:
             await asyncio.to_thread(check_retrainable, self.store, parent)
-            job = self.jobs.create(params.model_dump(), parent.version if parent else None)
+            job = await asyncio.to_thread(self.jobs.create, params.model_dump(), parent.version if parent else None)
         except RetrainRefused as exc:
             return error(422, str(exc))
         except JobConflict as exc:
             return error(409, str(exc), job=exc.job)
-        pid = launch(self.settings.home, job["id"])
-        self.jobs.update(job["id"], pid=pid)
+        except (StorageError, OSError, sqlite3.Error) as exc:
+            failure = storage_failure(exc, "starting the retrain job")
+            if failure is None:
+                raise
+            return storage_error(failure, "no job was started")
+        try:
+            pid = launch(self.settings.home, job["id"])
+        except OSError as exc:  # the job's log file cannot be created (or no process can start)
+            failure = storage_failure(exc, "starting the retrain job")
+            reason = str(failure or f"the retrain process could not be started: {exc}")
+            with contextlib.suppress(OSError, sqlite3.Error):
+                await asyncio.to_thread(self.jobs.update, job["id"], state="failed", error=reason)
+            if failure is None:
+                raise
+            return storage_error(failure, f"job {job['id']} did not start (it is marked failed)")
+        try:
+            await asyncio.to_thread(self.jobs.update, job["id"], pid=pid)
+        except (OSError, sqlite3.Error) as exc:
+            failure = storage_failure(exc, "recording the retrain job's process")
+            if failure is None:
+                raise
+            # the job cannot record its progress either: it fails, and is marked failed once gone
+            return storage_error(failure, f"job {job['id']} cannot run and will be marked failed")
         log.info("retrain job %s started (pid %d)", job["id"], pid)
         return JSONResponse(self._job_view(self.jobs.get(job["id"]) or job), status_code=202)
 
@@ -189,13 +224,25 @@ class Admin:
     # -- model versions -----------------------------------------------------------------------
 
     async def list_models(self, request: Request) -> JSONResponse:
-        active = self.registry.active_version()
+        try:
+            pointer = self.registry.active_pointer()
+        except ModelError as exc:
+            log.error("%s", exc)
+            pointer = None
+        active = pointer["version"] if pointer else None
         versions = []
         for version in self.registry.versions():
-            summary = version.summary()
+            try:
+                summary = version.summary()
+            except ModelError as exc:  # a damaged version is listed, with what is wrong with it
+                versions.append({"version": version.version, "active": version.version == active, "error": str(exc)})
+                continue
             versions.append({key: summary[key] for key in ("version", "created_at", "labels", "metrics", "parent")}
                             | {"active": version.version == active, "strategy": summary["strategy"]})
-        return JSONResponse({"active": active, "versions": versions})
+        body: dict[str, Any] = {"active": active, "versions": versions}
+        if pointer and pointer.get("fallback_from"):  # why the active version is not the one activated
+            body["fallback_from"] = pointer["fallback_from"]
+        return JSONResponse(body)
 
     async def activate(self, request: Request) -> JSONResponse:
         version = request.path_params["version"]
@@ -208,9 +255,38 @@ class Admin:
         return JSONResponse({"active": version})
 
 
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    """Starlette's own refusals (no such route, a method the route does not take) as JSON
+    bodies like every other error, not its plain-text default."""
+    status = exc.status_code if isinstance(exc, HTTPException) else 400
+    headers = exc.headers if isinstance(exc, HTTPException) else None
+    if status == 404:
+        message = f"no admin route {request.url.path}: GET /docs.json lists the routes"
+    elif status == 405:
+        # one Route per method here, and Starlette's Allow names only the first that matched the path
+        allowed = ", ".join(sorted({method for route in request.app.routes
+                                    if route.matches(request.scope)[0] != Match.NONE
+                                    for method in getattr(route, "methods", None) or ()} - {"HEAD"}))
+        headers = {"Allow": allowed}
+        message = f"{request.method} is not allowed on {request.url.path}; it takes {allowed}"
+    else:
+        message = exc.detail if isinstance(exc, HTTPException) else str(exc)
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
 async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
     log.exception("admin route %s failed", request.url.path, exc_info=exc)
     return error(500, "internal error; the server log has the details")
+
+
+async def _storage_or_internal_error(request: Request, exc: Exception) -> JSONResponse:
+    """Any admin route: a write (or open) the state directory cannot take is a 507 for the
+    operator, with what to do; any other OS or database error is an internal error."""
+    failure = storage_failure(exc, f"{request.method} {request.url.path}")
+    if failure is None:
+        return await _internal_error(request, exc)
+    log.error("admin route %s: %s", request.url.path, failure, exc_info=exc)
+    return error(507, f"{failure}. The request did not complete: fix the state directory, then send it again.")
 
 
 def create_admin_app(settings: Settings | None = None) -> Any:
@@ -224,6 +300,8 @@ def create_admin_app(settings: Settings | None = None) -> Any:
         Route("/jobs/{job_id}", admin.get_job, methods=["GET"]),
         Route("/models", admin.list_models, methods=["GET"]),
         Route("/models/{version}/activate", admin.activate, methods=["POST"]),
-    ], exception_handlers={Exception: _internal_error})
+    ], exception_handlers={HTTPException: _http_error,
+                           StorageError: _storage_or_internal_error, OSError: _storage_or_internal_error,
+                           sqlite3.Error: _storage_or_internal_error, Exception: _internal_error})
     token = settings.admin_token.get_secret_value() if settings.admin_token else None
     return AdminAuth(app, token)

@@ -20,13 +20,14 @@ import bentoml
 import numpy as np
 from pydantic import Field
 
-from models.errors import InputError
+from models.errors import InputError, ModelError
 from models.preprocess import crop_image, decode_image
 from models.registry import ModelRegistry
 from models.spec import ModelSpec
 
 from .admin import create_admin_app
 from .limits import RequestGuard
+from .openapi import JSONRoutingErrors, OpenAPIDocument
 from .predict import Prediction, RequestError, build_predictions, image_error, read_uploads
 from .settings import get_settings
 
@@ -46,6 +47,9 @@ settings = get_settings()
     # aborts the calls in flight on it (measured: ~20% of /infer calls under load, each one
     # retried). Connections to our own inference worker need no recycling.
     runner_connection={"max_requests": 10**9, "max_age": 1e9},
+    # one access-log line per internal /infer call cost ~5% of the throughput (measured); the
+    # HTTP service logs every client request already
+    logging={"access": {"enabled": False}},
 )
 class Inference:
     """Runs preprocessed batches through the active model version's onnxruntime session."""
@@ -74,6 +78,17 @@ def _spec_of(home: str, version: str) -> ModelSpec:
     return ModelRegistry(home).get(version).spec  # versions are immutable: cache forever
 
 
+def _readable_spec(version: str) -> ModelSpec:
+    """The spec of ``version``; a 503 (not a 500) if it cannot be read: a corrupted active
+    version is replaced by the last good one as soon as the inference workers notice."""
+    try:
+        return _spec_of(str(settings.home), version)
+    except ModelError as exc:
+        log.warning("model version %s cannot be used: %s", version, exc)
+        raise RequestError(503, f"model version {version} is damaged (the server log says how); the "
+                                "service is switching to the last good version: retry shortly") from None
+
+
 @bentoml.service(
     name="transfer_serve",
     workers=settings.workers,
@@ -90,17 +105,27 @@ class TransferServe:
         self.registry = ModelRegistry(settings.home)
         if settings.admin_token is None:
             log.warning("TRANSFER_SERVE_ADMIN_TOKEN is not set: every /admin route answers 403")
-        failed = JobStore(settings.home).fail_orphans()  # jobs cut short by a stop or crash
+        try:
+            failed = JobStore(settings.home).fail_orphans()  # jobs cut short by a stop or crash
+        except Exception as exc:  # noqa: BLE001 - predictions need none of this: serve anyway
+            log.error("could not check the job history in %s (%s); predictions are served, admin "
+                      "routes will say what is wrong with the state directory", settings.home, exc)
+            failed = 0
         if failed:
             log.warning("%d retrain job(s) were running when the service stopped: marked failed", failed)
         # decoding and resizing release the GIL: threads give real parallelism here
         self.pool = ThreadPoolExecutor(max_workers=max(2, settings.intra_op_threads), thread_name_prefix="decode")
 
     def _active_spec(self) -> tuple[str, ModelSpec]:
-        version = self.registry.active_version()
+        try:
+            version = self.registry.active_version()
+        except ModelError as exc:
+            log.warning("%s", exc)
+            raise RequestError(503, "the active model pointer is unreadable; the service is switching "
+                                    "to the last good version: retry shortly") from None
         if version is None:
             raise RequestError(503, "no model version is active yet: run `python -m training bootstrap`")
-        return version, _spec_of(str(settings.home), version)
+        return version, _readable_spec(version)
 
     async def _preprocess_all(self, paths: list[Path], blobs: list[bytes], spec: ModelSpec) -> np.ndarray:
         loop = asyncio.get_running_loop()
@@ -143,15 +168,18 @@ class TransferServe:
                     continue
                 numbers = set(output[:, 0].astype(int).tolist())
                 ran = f"v{numbers.pop()}"
-                ran_spec = _spec_of(str(settings.home), ran)
+                ran_spec = _readable_spec(ran)
                 # A swap between preprocessing and inference: results are only valid if the
                 # version that ran uses the same preprocessing and all images ran on it.
                 if not numbers and ran_spec.preprocess == spec.preprocess:
-                    return build_predictions(output[:, 1:], ran_spec.labels, top_k, ran)
+                    # sent as built: BentoML would validate and re-serialise list[Prediction]
+                    return JSONResponse(build_predictions(output[:, 1:], ran_spec.labels, top_k, ran))  # type: ignore[return-value]
             raise RequestError(503, "the active model changed during the request; retry")
         except RequestError as exc:
             return JSONResponse(exc.body(), status_code=exc.status)  # type: ignore[return-value]
 
 
-TransferServe.add_asgi_middleware(RequestGuard, max_bytes=settings.max_request_bytes)
+TransferServe.add_asgi_middleware(RequestGuard, max_bytes=settings.max_request_bytes, max_files=settings.max_files)
 TransferServe.mount_asgi_app(create_admin_app(settings), path="/admin", name="admin")
+TransferServe.add_asgi_middleware(OpenAPIDocument, service=TransferServe, settings=settings)  # full /docs.json
+TransferServe.add_asgi_middleware(JSONRoutingErrors)  # 404/405 as {"error": ...}, not plain text

@@ -53,7 +53,8 @@ class Settings(BaseSettings):
     cuda_device_id: int = Field(0, ge=0)
     cudnn_conv_algo_search: Literal["EXHAUSTIVE", "HEURISTIC", "DEFAULT"] = "HEURISTIC"
     gpu_mem_limit_mb: int = Field(0, ge=0, description="CUDA arena limit in MiB; 0 = no limit")
-    max_files: int = Field(64, ge=1, le=1024, description="most images in one /predict request")
+    # at most 1000: BentoML parses /predict forms with Starlette's default limit of 1000 files
+    max_files: int = Field(64, ge=1, le=1000, description="most images in one /predict or /admin/labels request")
     max_file_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="largest single upload (413 above)")
     max_request_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="largest request body (413 above)")
     max_pixels: int = Field(40_000_000, ge=1, description="largest decoded image, width x height (413 above)")

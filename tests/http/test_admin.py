@@ -123,6 +123,18 @@ def test_not_found(admin: httpx.Client) -> None:
     assert admin.delete("/admin/labels/..%2F..%2Fetc%2Fpasswd").status_code == 404
 
 
+
+def test_starlette_refusals_are_json(admin: httpx.Client) -> None:
+    # Starlette answered these in plain text (found by tests/http/test_fuzz.py)
+    too_many = admin.post("/admin/labels", data={"label": "cats"},
+                          files=[("images", (f"{i}.jpg", b"x")) for i in range(100)])
+    assert too_many.status_code == 413 and "100 images" in too_many.json()["error"]  # was a text/plain 400
+    unknown = admin.get("/admin/no-such-route")
+    assert unknown.status_code == 404 and "/admin/no-such-route" in unknown.json()["error"]
+    wrong_method = admin.put("/admin/labels")
+    assert wrong_method.status_code == 405 and wrong_method.headers["allow"] == "GET, POST"
+    assert wrong_method.json() == {"error": "PUT is not allowed on /admin/labels; it takes GET, POST"}
+
 # -- the retrain loop (tests below run in order on the same server) ------------------------------
 
 def test_retrain_needs_enough_data(admin: httpx.Client, hymenoptera: Path) -> None:

@@ -146,15 +146,39 @@ def test_no_client_input_produces_a_500(client: httpx.Client) -> None:
     assert all(400 <= r.status_code < 500 for r in odd)
 
 
+def test_a_form_over_the_parsers_part_limits_is_a_413_not_a_500(client: httpx.Client) -> None:
+    # BentoML parses forms with Starlette's limits (1000 files, 1000 fields) and answered a form
+    # over either with a 500 (found by tests/http/test_fuzz.py)
+    files = [("images", (f"{i}.jpg", b"x")) for i in range(1001)]
+    assert_error(client.post("/predict", files=files), 413, "1001 images", "limit is 8")
+    fields = {f"field{i}": "x" for i in range(1001)}
+    assert_error(client.post("/predict", data=fields, files=[("images", ("c.jpg", CHELSEA))]), 413,
+                 "1001 form fields")
+
+
+def test_routing_errors_are_json(client: httpx.Client) -> None:
+    # BentoML's router answered these in plain text (found by tests/http/test_fuzz.py)
+    wrong_method = assert_error(client.get("/predict"), 405, "GET is not allowed on /predict; it takes POST")
+    assert wrong_method == {"error": "GET is not allowed on /predict; it takes POST"}
+    assert client.get("/predict").headers["allow"] == "POST"
+    assert_error(client.get("/no-such-route"), 404, "no route /no-such-route", "docs.json")
+    assert_error(client.get("/admin/jobs/a%0Ab"), 404, "no route")  # a newline: the /admin mount does not match
+
+
 # -- ops routes ---------------------------------------------------------------------------------
 
 def test_ops_routes(client: httpx.Client) -> None:
     assert client.get("/livez").status_code == 200
     assert client.get("/readyz").status_code == 200
+    assert client.post("/predict", files={"images": ("c.jpg", CHELSEA)}).status_code == 200  # a batch to count
     metrics = client.get("/metrics")
     assert metrics.status_code == 200 and "bentoml_service_adaptive_batch_size" in metrics.text
     schema = client.get("/docs.json").json()
     assert "/predict" in schema["paths"]
+    docs = client.get("/docs")
+    assert docs.status_code == 307 and docs.headers["location"] == "/"
+    page = client.get("/docs", follow_redirects=True)
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
 
 
 # -- concurrency: distinct images, each its own correct result, and real batches ----------------

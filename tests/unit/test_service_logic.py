@@ -12,7 +12,7 @@ import pytest
 from pydantic import ValidationError
 
 from service.limits import RequestGuard
-from service.predict import RequestError, build_predictions, display_name, read_uploads
+from service.predict import Prediction, RequestError, build_predictions, display_name, read_uploads
 from service.providers import CPU, CUDA, TENSORRT, ProviderError, select_providers
 from service.settings import Settings, cpu_count
 
@@ -42,7 +42,8 @@ def test_more_threads_than_cores_is_refused() -> None:
         settings(inference_workers=1, intra_op_threads=cpu_count() + 1)
 
 
-@pytest.mark.parametrize("field,value", [("providers", "gpu"), ("max_files", 0), ("admin_token", "short")])
+@pytest.mark.parametrize("field,value", [("providers", "gpu"), ("max_files", 0), ("max_files", 1001),
+                                         ("admin_token", "short")])
 def test_bad_values_fail_fast(field: str, value: object) -> None:
     with pytest.raises(ValidationError):
         settings(**{field: value})
@@ -139,11 +140,12 @@ def test_display_names_are_safe_to_echo() -> None:
 def test_build_predictions_orders_and_caps_top_k() -> None:
     probabilities = np.array([[0.1, 0.6, 0.3], [0.5, 0.2, 0.3]], np.float32)
     first, second = build_predictions(probabilities, ["a", "b", "c"], top_k=2, version="v3")
-    assert first.label == "b" and [e.label for e in first.top_k] == ["b", "c"]
-    assert second.label == "a" and second.model_version == "v3"
+    assert first["label"] == "b" and [e["label"] for e in first["top_k"]] == ["b", "c"]
+    assert second["label"] == "a" and second["model_version"] == "v3"
     (capped, _) = build_predictions(probabilities, ["a", "b", "c"], top_k=10, version="v3")
-    assert [e.label for e in capped.top_k] == ["b", "c", "a"]
-    assert capped.score == pytest.approx(0.6)
+    assert [e["label"] for e in capped["top_k"]] == ["b", "c", "a"]
+    assert capped["score"] == pytest.approx(0.6)
+    Prediction.model_validate(capped)  # the shape the OpenAPI schema promises
 
 
 # -- request guard --------------------------------------------------------------------------------
