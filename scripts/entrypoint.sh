@@ -38,5 +38,7 @@ if ! mkdir -p "$TRANSFER_SERVE_HOME" 2>/dev/null || [ ! -w "$TRANSFER_SERVE_HOME
 fi
 
 python -m training bootstrap
+# --timeout-keep-alive 75: longer than clients' and load balancers' idle timeouts (uvicorn's 5 s
+# default races with them: resets under load, see bench/README.md)
 exec bentoml serve service.service:TransferServe \
-  --host "${TRANSFER_SERVE_BIND:-0.0.0.0}" --port "${PORT:-3000}" "$@"
+  --host "${TRANSFER_SERVE_BIND:-0.0.0.0}" --port "${PORT:-3000}" --timeout-keep-alive 75 "$@"

@@ -84,7 +84,9 @@ def start_server(home: Path, log_path: Path, env: Mapping[str, str] | None = Non
     bentoml = Path(sys.executable).with_name("bentoml")
     private = None if env and "BENTOML_HOME" in env else Path(tempfile.mkdtemp(prefix="bentoml-home-"))
     server = start_command(
-        [str(bentoml), "serve", target, "--host", "127.0.0.1", "--port", str(port)], port, log_path,
+        # the keep-alive timeout scripts/serve and the container use (not uvicorn's racy 5 s)
+        [str(bentoml), "serve", target, "--host", "127.0.0.1", "--port", str(port), "--timeout-keep-alive", "75"],
+        port, log_path,
         {"TRANSFER_SERVE_HOME": str(home), **({"BENTOML_HOME": str(private)} if private else {}), **(env or {})},
     )
     server.bentoml_home = private

@@ -1,0 +1,280 @@
+"""Kill -9 a serving worker under load: how many requests fail while it is replaced, and how long
+until the replacement serves.
+
+    .venv/bin/python bench/kill_worker.py [--targets inference,http] [--concurrency 16] \
+        [--before 10] [--after 30] [--home DIR] [--service-env KEY=VALUE ...] [--json OUT.json] \
+        [--log-dir DIR]
+
+For each target a fresh ``bentoml serve service.service:TransferServe`` is started and
+``--concurrency`` clients send single-image ``POST /predict`` requests back to back (the
+hymenoptera photos). After ``--before`` seconds one worker gets SIGKILL:
+
+- ``inference``: the inference worker ``transfer_serve_inference`` #1 (onnxruntime);
+- ``http``: the HTTP worker ``transfer_serve`` #1 (uploads, decoding, the API).
+
+The load goes on for ``--after`` seconds. Reported per target: the requests that failed after
+the kill (by kind, with the first bodies), how many the HTTP worker retried internally (its
+"inference call failed" warnings, invisible to clients), when the replacement process appeared
+and when it reported ready in the log (the inference worker: model loaded and warmed up; the HTTP
+worker: service initialised), the first success of a request sent after the kill, the longest
+gap between two successful answers around the kill, and the throughput before the kill and once
+the replacement was ready. BentoML's supervisor (circus) respawns a dead worker; the listening
+socket belongs to the supervisor, so new connections wait in its backlog instead of being
+refused.
+
+With the default settings on a 2-core host there are two inference workers, so the other one
+serves while #1 is replaced; ``--service-env TRANSFER_SERVE_INFERENCE_WORKERS=1`` (the default
+with a GPU) shows a replacement with no other worker to take over.
+
+Without --home a temporary state directory is bootstrapped with the pretrained ImageNet
+classifier and removed at the end. Servers are stopped at the end, on errors, Ctrl-C and SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as `python bench/kill_worker.py`
+    sys.path.insert(0, str(ROOT))
+
+from bench.common import (  # noqa: E402
+    DEFAULT_IMAGES,
+    ImageFile,
+    Progress,
+    Server,
+    _process_label,
+    describe_images,
+    install_sigterm_handler,
+    load_images,
+    serving,
+    state_home,
+)
+from bench.soak import Load, Outcome, send_load, summarise  # noqa: E402
+
+#: target -> (process label, log line that says the replacement is ready)
+TARGETS: dict[str, tuple[str, str]] = {
+    "inference": ("transfer_serve_inference#1", "[service:transfer_serve_inference:1] serving model version"),
+    "http": ("transfer_serve#1", "[entry_service:transfer_serve:1] Service transfer_serve initialized"),
+}
+RETRY_WARNING = "inference call failed"
+
+
+def worker_pid(server: Server, label: str) -> int | None:
+    """The pid of the server's worker process with ``label`` (``transfer_serve#1``), if alive."""
+    import psutil
+
+    with contextlib.suppress(psutil.Error):
+        for process in psutil.Process(server.process.pid).children(recursive=True):
+            if _process_label(process) == label and process.status() != psutil.STATUS_ZOMBIE:
+                return process.pid
+    return None
+
+
+def log_lines_since(path: Path, offset: int) -> list[str]:
+    with path.open("rb") as fh:
+        fh.seek(offset)
+        return fh.read().decode(errors="replace").splitlines()
+
+
+def longest_gap(outcomes: Sequence[Outcome], start: float, end: float) -> tuple[float, float]:
+    """The longest time between consecutive successful answers within [start, end], and when it
+    began (seconds of the load clock)."""
+    times = sorted(o.done for o in outcomes if o.ok and start <= o.done <= end)
+    best, at = 0.0, start
+    for a, b in zip([start, *times], [*times, end]):
+        if b - a > best:
+            best, at = b - a, a
+    return best, at
+
+
+async def kill_under_load(server: Server, images: Sequence[ImageFile], target: str, args: argparse.Namespace,
+                          progress: Callable[[str], None]) -> dict[str, Any]:
+    label, ready_line = TARGETS[target]
+    load = Load()
+    stopping = False
+    events: dict[str, Any] = {}
+
+    async def killer() -> None:
+        nonlocal stopping
+        try:
+            await asyncio.sleep(args.before)
+            pid = await asyncio.to_thread(worker_pid, server, label)
+            if pid is None:
+                raise RuntimeError(f"no live process {label} in the server's tree")
+            offset = server.log_path.stat().st_size
+            answered = load.answered
+            os.kill(pid, signal.SIGKILL)
+            events.update(kill=load.now(), killed_pid=pid, log_offset=offset, answered_before_kill=answered)
+            progress(f"{target}: SIGKILL sent to {label} (pid {pid}) after {answered} answers")
+            deadline = events["kill"] + args.after
+            while load.now() < deadline:
+                if "replaced" not in events:
+                    new = await asyncio.to_thread(worker_pid, server, label)
+                    if new is not None and new != pid:
+                        events.update(replaced=load.now(), replacement_pid=new)
+                        progress(f"{target}: replacement {label} is pid {new}")
+                if "ready" not in events and any(ready_line in line for line in
+                                                 await asyncio.to_thread(log_lines_since, server.log_path, offset)):
+                    events["ready"] = load.now()
+                    progress(f"{target}: the replacement reports ready")
+                await asyncio.sleep(0.1)
+        finally:
+            stopping = True
+
+    await asyncio.gather(killer(), send_load(server.url, images, load, concurrency=args.concurrency,
+                                             stop=lambda: stopping, timeout=args.timeout))
+    return analyse(load, events, server, target, args)
+
+
+def analyse(load: Load, events: dict[str, Any], server: Server, target: str, args: argparse.Namespace) -> dict[str, Any]:
+    kill = events["kill"]
+    end = max(o.done for o in load.outcomes)
+    before = [o for o in load.outcomes if o.done < kill]
+    after = [o for o in load.outcomes if o.done >= kill]
+    failed_after = [o for o in after if not o.ok]
+    first_success = min((o.done for o in after if o.ok and o.sent >= kill), default=None)
+    gap, gap_at = longest_gap(load.outcomes, max(0.0, kill - 5), end)
+    ready = events.get("ready")
+    settled = [o for o in after if ready is not None and o.sent >= ready]
+    warm = [o for o in before if o.sent >= 2.0]  # the first seconds include connection set-up
+    lines = log_lines_since(server.log_path, events["log_offset"])
+    retries = sum(RETRY_WARNING in line for line in lines)
+
+    def since_kill(value: float | None) -> float | None:
+        return None if value is None else value - kill
+
+    return {
+        "target": target, "killed": TARGETS[target][0], "killed_pid": events["killed_pid"],
+        "replacement_pid": events.get("replacement_pid"),
+        "replacement_process_after_s": since_kill(events.get("replaced")),
+        "replacement_ready_after_s": since_kill(ready),
+        "first_success_sent_after_kill_s": since_kill(first_success),
+        "longest_gap_between_successes_s": gap, "longest_gap_starts_s": gap_at - kill,
+        "failed_after_kill": summarise(failed_after) if failed_after else {"errors": 0},
+        "failed_before_kill": sum(not o.ok for o in before),
+        "answered_after_kill": len(after),
+        "internal_retries_after_kill": retries,
+        "failure_window_s": ([failed_after[0].done - kill, failed_after[-1].done - kill] if failed_after else None),
+        "before": summarise(warm) if warm else None,
+        "after_ready": summarise(settled) if settled else None,
+        "readyz_at_end": _readyz(server),
+    }
+
+
+def _readyz(server: Server) -> int | None:
+    import httpx
+
+    with contextlib.suppress(httpx.HTTPError):
+        return httpx.get(server.url + "/readyz", timeout=10).status_code
+    return None
+
+
+def print_report(results: Sequence[dict[str, Any]], args: argparse.Namespace) -> None:
+    def secs(value: float | None) -> str:
+        return f"{value:.2f} s" if value is not None else "never (within --after)"
+
+    env = " ".join(f"{k}={v}" for k, v in args.service_env.items()) or "default settings"
+    print(f"\nkill -9 under load: {args.concurrency} clients, single-image POST /predict, {env}")
+    for r in results:
+        failed = r["failed_after_kill"]
+        print(f"\n{r['target']}: SIGKILL {r['killed']} (pid {r['killed_pid']}); replacement pid {r['replacement_pid']}")
+        print(f"  requests failed after the kill:     {failed['errors']} of {r['answered_after_kill']} answered"
+              + (f" ({', '.join(f'{k}: {n}' for k, n in failed['errors_by_kind'].items())}; "
+                 f"between {r['failure_window_s'][0]:.2f} and {r['failure_window_s'][1]:.2f} s after the kill)"
+                 if failed["errors"] else ""))
+        for sample in failed.get("error_samples", []):
+            print(f"      {sample}")
+        print(f"  retried inside the service:         {r['internal_retries_after_kill']} inference calls")
+        print(f"  replacement process appeared after: {secs(r['replacement_process_after_s'])}")
+        print(f"  replacement ready (its log) after:  {secs(r['replacement_ready_after_s'])}")
+        print(f"  first success of a request sent after the kill: {secs(r['first_success_sent_after_kill_s'])}")
+        print(f"  longest gap between successes:      {r['longest_gap_between_successes_s']:.2f} s "
+              f"(from {r['longest_gap_starts_s']:+.2f} s)")
+        for name in ("before", "after_ready"):
+            figures = r[name]
+            if figures:
+                lat = figures["latency_ms"]
+                print(f"  {'before the kill' if name == 'before' else 'once replaced':<16} {figures['throughput']:6.1f} req/s, "
+                      f"p50 {lat['p50']:.0f} ms, p99 {lat['p99']:.0f} ms, {figures['errors']} errors")
+        print(f"  /readyz at the end: {r['readyz_at_end']}; failures before the kill: {r['failed_before_kill']}")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--targets", default="inference,http", help="comma-separated: inference, http")
+    parser.add_argument("--concurrency", type=int, default=16, help="concurrent clients (default 16)")
+    parser.add_argument("--before", type=float, default=10, help="seconds of load before the kill (default 10)")
+    parser.add_argument("--after", type=float, default=30, help="seconds of load after the kill (default 30)")
+    parser.add_argument("--timeout", type=float, default=120.0, help="client timeout per request (default 120 s)")
+    parser.add_argument("--images", type=Path, default=DEFAULT_IMAGES, help=f"image folder (default {DEFAULT_IMAGES})")
+    parser.add_argument("--home", type=Path, help="state directory with an active model (default: a temporary "
+                        "one, bootstrapped with the pretrained classifier)")
+    parser.add_argument("--service-env", action="append", default=[], metavar="KEY=VALUE",
+                        help="setting for the service (repeatable), e.g. TRANSFER_SERVE_INFERENCE_WORKERS=1")
+    parser.add_argument("--log-dir", type=Path, help="keep the servers' logs here (default: a temporary folder)")
+    parser.add_argument("--json", type=Path, help="write the figures to this JSON file")
+    args = parser.parse_args(argv)
+    args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    if not args.targets or set(args.targets) - set(TARGETS):
+        parser.error(f"--targets takes a subset of {','.join(TARGETS)}")
+    env = {}
+    for item in args.service_env:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            parser.error(f"--service-env takes KEY=VALUE, got {item!r}")
+        env[key] = value
+    args.service_env = env
+    if args.concurrency < 1 or args.before < 3 or args.after <= 0:
+        parser.error("--concurrency >= 1, --before >= 3 and --after > 0 are required")
+    if args.home is not None and not args.home.is_dir():
+        parser.error(f"--home {args.home} is not a directory")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    install_sigterm_handler()
+    progress = Progress()
+    images = load_images(args.images)
+    progress(f"loaded {describe_images(images)} from {args.images}")
+    results = []
+    with contextlib.ExitStack() as stack:
+        home = stack.enter_context(state_home(args.home, progress))
+        if args.log_dir is None:
+            log_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="kill-logs-")))
+        else:
+            log_dir = args.log_dir
+            log_dir.mkdir(parents=True, exist_ok=True)
+        for target in args.targets:
+            progress(f"{target}: starting a server")
+            target_log_dir = log_dir / target
+            target_log_dir.mkdir(exist_ok=True)
+            with serving("service.service:TransferServe", home, target_log_dir, env=args.service_env) as server:
+                progress(f"{target}: ready at {server.url}; {args.concurrency} clients, kill after {args.before:g} s")
+                started = time.monotonic()
+                results.append(asyncio.run(kill_under_load(server, images, target, args, progress)))
+                progress(f"{target}: done in {time.monotonic() - started:.0f} s; stopping the server")
+    print_report(results, args)
+    if args.json:
+        args.json.write_text(json.dumps({"config": {"concurrency": args.concurrency, "before": args.before,
+                                                    "after": args.after, "service_env": args.service_env},
+                                         "results": results}, indent=2))
+        progress(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
