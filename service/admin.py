@@ -11,6 +11,7 @@ import hmac
 import json
 import logging
 import sqlite3
+from collections.abc import Awaitable, Callable
 from functools import cached_property
 from typing import Any
 
@@ -40,30 +41,33 @@ log = logging.getLogger(__name__)
 class AdminAuth:
     """``Authorization: Bearer <token>`` on every request: 401 without one, 403 with a wrong
     one (constant-time comparison), 403 for everything when no token is configured. The token
-    is never logged or echoed."""
+    is never logged or echoed. :meth:`refused` is also run by the request guard before it reads
+    an upload, so a caller without the token cannot make the server buffer a body."""
 
     def __init__(self, app: Any, token: str | None) -> None:
         self.app = app
         self._token = token.encode() if token else None
 
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def refused(self, scope: dict[str, Any], send: Any, *, close: bool = False) -> bool:
+        """Answer 401 or 403 and return True unless the request carries the token. ``close``:
+        end the connection after the answer (the request's body is left unread)."""
         if self._token is None:
             await send_json(send, 403, {"error": "the admin API is disabled: set TRANSFER_SERVE_ADMIN_TOKEN "
-                                                 "on the server to enable it"})
-            return
+                                                 "on the server to enable it"}, close=close)
+            return True
         header = dict(scope.get("headers") or []).get(b"authorization", b"")
         scheme, _, credentials = header.partition(b" ")
         if not header or scheme.lower() != b"bearer" or not credentials.strip():
-            await send({"type": "http.response.start", "status": 401,
-                        "headers": [(b"content-type", b"application/json"), (b"www-authenticate", b"Bearer")]})
-            await send({"type": "http.response.body",
-                        "body": b'{"error": "missing bearer token: send the header Authorization: Bearer <token>"}'})
-            return
+            await send_json(send, 401, {"error": "missing bearer token: send the header Authorization: Bearer <token>"},
+                            close=close, headers=[(b"www-authenticate", b"Bearer")])
+            return True
         if not hmac.compare_digest(credentials.strip(), self._token):
-            await send_json(send, 403, {"error": "wrong admin token"})
+            await send_json(send, 403, {"error": "wrong admin token"}, close=close)
+            return True
+        return False
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and await self.refused(scope, send):
             return
         await self.app(scope, receive, send)
 
@@ -303,5 +307,22 @@ def create_admin_app(settings: Settings | None = None) -> Any:
     ], exception_handlers={HTTPException: _http_error,
                            StorageError: _storage_or_internal_error, OSError: _storage_or_internal_error,
                            sqlite3.Error: _storage_or_internal_error, Exception: _internal_error})
-    token = settings.admin_token.get_secret_value() if settings.admin_token else None
-    return AdminAuth(app, token)
+    return AdminAuth(app, admin_token(settings))
+
+
+def admin_token(settings: Settings) -> str | None:
+    return settings.admin_token.get_secret_value() if settings.admin_token else None
+
+
+def admin_gate(settings: Settings, prefix: str = "/admin") -> Callable[..., Awaitable[bool]]:
+    """For the request guard: refuse a request under ``prefix`` without the admin token before
+    its body is read (closing the connection, so the unread body is not drained either)."""
+    auth = AdminAuth(None, admin_token(settings))
+
+    async def gate(scope: dict[str, Any], send: Any) -> bool:
+        path = scope["path"]
+        if path != prefix and not path.startswith(prefix + "/"):
+            return False
+        return await auth.refused(scope, send, close=True)
+
+    return gate

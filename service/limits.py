@@ -46,11 +46,13 @@ def filename_problem(filename: str | None) -> str | None:
     return None
 
 
-async def send_json(send: Send, status: int, body: dict[str, Any], *, close: bool = False) -> None:
+async def send_json(send: Send, status: int, body: dict[str, Any], *, close: bool = False,
+                    headers: list[tuple[bytes, bytes]] | None = None) -> None:
     """Send ``body`` as a JSON response; ``close`` ends the connection after it (for a request
     whose body is left unread: uvicorn would otherwise read all of it to reuse the connection)."""
     payload = json.dumps(body).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+    headers = [*(headers or []), (b"content-type", b"application/json"),
+               (b"content-length", str(len(payload)).encode())]
     if close:
         headers.append((b"connection", b"close"))
     await send({"type": "http.response.start", "status": status, "headers": headers})
@@ -68,8 +70,12 @@ class RequestGuard:
     def __init__(
         self, app: Any, max_bytes: int, paths: tuple[str, ...] = ("/predict", "/admin"),
         file_fields: frozenset[str] = frozenset({"images"}), max_files: int = 1000, max_fields: int = 1000,
+        before_body: Callable[[Scope, Send], Awaitable[bool]] | None = None,
     ) -> None:
         self.app = app
+        # run before the body is read; True if it answered the request itself (the admin token
+        # check: a caller without the token must not get to make the server buffer its upload)
+        self.before_body = before_body
         self.max_bytes = max_bytes
         # BentoML and the admin routes parse forms with Starlette's limits (1000 files, 1000
         # fields by default) and answer a form over them with a 500 or a text/plain 400.
@@ -164,6 +170,8 @@ class RequestGuard:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope.get("method") != "POST" or not scope["path"].startswith(self.paths):
             await self.app(scope, receive, send)
+            return
+        if self.before_body is not None and await self.before_body(scope, send):
             return
         try:
             body = await self._read_body(scope, receive)

@@ -25,7 +25,7 @@ from models.preprocess import crop_image, decode_image
 from models.registry import ModelRegistry
 from models.spec import ModelSpec
 
-from .admin import create_admin_app
+from .admin import admin_gate, create_admin_app
 from .limits import RequestGuard
 from .openapi import JSONRoutingErrors, OpenAPIDocument
 from .predict import Prediction, RequestError, build_predictions, image_error, read_uploads
@@ -179,7 +179,8 @@ class TransferServe:
             return JSONResponse(exc.body(), status_code=exc.status)  # type: ignore[return-value]
 
 
-TransferServe.add_asgi_middleware(RequestGuard, max_bytes=settings.max_request_bytes, max_files=settings.max_files)
+TransferServe.add_asgi_middleware(RequestGuard, max_bytes=settings.max_request_bytes, max_files=settings.max_files,
+                                  before_body=admin_gate(settings))
 TransferServe.mount_asgi_app(create_admin_app(settings), path="/admin", name="admin")
 TransferServe.add_asgi_middleware(OpenAPIDocument, service=TransferServe, settings=settings)  # full /docs.json
 TransferServe.add_asgi_middleware(JSONRoutingErrors)  # 404/405 as {"error": ...}, not plain text

@@ -90,6 +90,24 @@ def test_every_admin_route_needs_the_token(admin_server: Server, method: str, pa
     assert basic.status_code == 401
 
 
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer not-the-token"}], ids=["missing", "wrong"])
+def test_an_upload_without_the_token_is_refused_before_its_body_is_read(admin_server: Server, headers: dict) -> None:
+    sent = 0
+
+    def body() -> Iterator[bytes]:  # 256 MiB, under the body limit: only the token check stops it
+        nonlocal sent
+        chunk = bytes(1 << 20)
+        while sent < 256 << 20:
+            sent += len(chunk)
+            yield chunk
+
+    response = httpx.post(admin_server.url + "/admin/labels", content=body(), timeout=60,
+                          headers={**headers, "content-type": "multipart/form-data; boundary=x"})
+    assert response.status_code in (401, 403) and "token" in response.json()["error"]
+    assert response.headers["connection"] == "close"
+    assert sent < 64 << 20, f"the server let an unauthenticated client send {sent >> 20} MiB"
+
+
 # -- bad input -------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("label", ["", "a/b", "..", "x" * 65, "caf\u00e9", "\u0430nts", "nul\x00byte", " lead"])
