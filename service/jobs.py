@@ -163,7 +163,9 @@ class JobStore:
 
     def fail_if_active(self, job_id: str, error: str) -> bool:
         """Mark the job failed with ``error`` unless it already ended (its own result wins).
-        True if it was still queued or running."""
+        True if it was still queued or running. Called once its process is gone: the scratch
+        directory a killed job leaves behind is removed first."""
+        remove_scratch(self.home, job_id)
         now = _now()
         with self._conn() as conn:
             cursor = conn.execute(
@@ -187,6 +189,19 @@ class JobStore:
                 log.warning("retrain job %s marked failed: its process is gone", row["id"])
                 failed += 1
         return failed
+
+
+def scratch_prefix(job_id: str) -> str:
+    """The name prefix of a retrain job's scratch directory in the state directory."""
+    return f"transfer-serve-retrain-{job_id}-"
+
+
+def remove_scratch(home: Path, job_id: str) -> None:
+    """Remove the scratch directory of job ``job_id`` (a job that ended normally removed its own)."""
+    import shutil
+
+    for path in home.glob(scratch_prefix(job_id) + "*"):
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def launch(home: Path, job_id: str) -> int:

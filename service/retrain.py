@@ -34,6 +34,7 @@ from models.registry import ModelRegistry, ModelVersion
 
 from .db import storage_failure
 from .embeddings import EmbeddingCache
+from .jobs import scratch_prefix
 from .labels import LabelStore, held_out
 
 log = logging.getLogger(__name__)
@@ -127,7 +128,8 @@ def _accuracy(predicted: list[str], truth: list[str]) -> float:
     return float(np.mean([p == t for p, t in zip(predicted, truth)])) if truth else 0.0
 
 
-def retrain(home: Path, params: RetrainParams, report: Callable[..., None], threads: int = 2) -> dict[str, Any]:
+def retrain(home: Path, params: RetrainParams, report: Callable[..., None], threads: int = 2,
+            job_id: str = "") -> dict[str, Any]:
     """Run one head-only retrain; returns the job's result fields (state, version, metrics)."""
     progress = Progress(report)
     registry = ModelRegistry(home)
@@ -197,7 +199,8 @@ def retrain(home: Path, params: RetrainParams, report: Callable[..., None], thre
     }
 
     progress("exporting", 0.92)
-    with tempfile.TemporaryDirectory(prefix="transfer-serve-retrain-", dir=home) as tmp:
+    # named after the job, so that the job runner can remove it if this process is killed
+    with tempfile.TemporaryDirectory(prefix=scratch_prefix(job_id), dir=home) as tmp:
         onnx_path = Path(tmp) / "model.onnx"
         replace_head(parent.onnx_path, onnx_path, head.weight, head.bias)
         progress("verifying", 0.95)
@@ -295,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         report(state="running", phase="starting", pid=os.getpid())
         # every core: the job is niced, so serving still comes first
         result = retrain(settings.home, RetrainParams.model_validate(job["params"] or {}), report,
-                         threads=cpu_count())
+                         threads=cpu_count(), job_id=args.job_id)
     except SystemExit as exc:
         _record_failure(jobs, args.job_id, str(exc))
         return 1

@@ -155,6 +155,7 @@ def test_a_retrain_process_killed_mid_job_fails_the_job_and_serving_never_stops(
         assert listing["active"] == "v1" and [v["version"] for v in listing["versions"]] == ["v1"]
         store = home / "bentoml" / "models" / "transfer-serve"
         assert sorted(p.name for p in store.iterdir() if p.is_dir()) == ["v1"]  # nothing half-written
+        assert not list(home.glob("transfer-serve-retrain-*")), "the killed job's scratch directory is left"
 
         retry = wait_for_job(admin, admin.post("/admin/retrain").json()["id"])
         assert retry["state"] == "succeeded" and retry["version"] == "v2", retry

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from service.jobs import JobStore, exit_reason, pid_alive
+from service.jobs import JobStore, exit_reason, pid_alive, scratch_prefix
 
 
 def test_a_job_whose_process_is_gone_is_failed_when_looked_at(tmp_path: Path) -> None:
@@ -42,3 +42,18 @@ def test_a_recorded_result_is_never_overwritten_by_a_late_failure(tmp_path: Path
 def test_exit_reasons_name_the_signal() -> None:
     assert "SIGKILL" in exit_reason(-signal.SIGKILL) and "stopped" in exit_reason(-signal.SIGTERM)
     assert "status 3" in exit_reason(3)
+
+
+def test_a_dead_jobs_scratch_directory_is_removed_and_no_other(tmp_path: Path) -> None:
+    jobs = JobStore(tmp_path)
+    job = jobs.create({}, "v1")
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    jobs.update(job["id"], state="running", pid=process.pid)
+    scratch = tmp_path / f"{scratch_prefix(job['id'])}abc123"
+    (scratch / "nested").mkdir(parents=True)
+    (scratch / "nested" / "model.onnx").write_bytes(b"half a model")
+    other = tmp_path / f"{scratch_prefix('another-job')}def456"
+    other.mkdir()
+    assert jobs.get(job["id"])["state"] == "failed"  # type: ignore[index]
+    assert not scratch.exists() and other.is_dir()
