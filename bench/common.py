@@ -95,6 +95,40 @@ def describe_images(images: Sequence[ImageFile]) -> str:
     return f"{len(images)} images ({per_class}), {mean_kb:.0f} KiB on average"
 
 
+def add_service_arguments(parser: Any, *, env_example: str = "TRANSFER_SERVE_WORKERS=2") -> None:
+    """The options every benchmark that serves the service shares: --images, --home,
+    --service-env (repeatable KEY=VALUE) and --log-dir. Check them with :func:`check_service_arguments`."""
+    parser.add_argument("--images", type=Path, default=DEFAULT_IMAGES, help=f"image folder (default {DEFAULT_IMAGES})")
+    parser.add_argument("--home", type=Path, help="state directory with an active model (default: a temporary "
+                        "one, bootstrapped with the pretrained classifier)")
+    parser.add_argument("--service-env", action="append", default=[], metavar="KEY=VALUE",
+                        help=f"setting for the service under test (repeatable), e.g. {env_example}")
+    parser.add_argument("--log-dir", type=Path, help="keep the servers' logs here (default: a temporary "
+                        "folder, removed at the end)")
+
+
+def check_service_arguments(parser: Any, args: Any) -> None:
+    """--service-env items become a dict; --home must be a directory (else ``parser.error``)."""
+    env = {}
+    for item in args.service_env:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            parser.error(f"--service-env takes KEY=VALUE, got {item!r}")
+        env[key] = value
+    args.service_env = env
+    if args.home is not None and not args.home.is_dir():
+        parser.error(f"--home {args.home} is not a directory")
+
+
+def begin(images_dir: Path) -> tuple[Progress, list[ImageFile]]:
+    """A benchmark's start: SIGTERM stops it cleanly, a progress printer, the images read once."""
+    install_sigterm_handler()
+    progress = Progress()
+    images = load_images(images_dir)
+    progress(f"loaded {describe_images(images)} from {images_dir}")
+    return progress, images
+
+
 # -- state directory and servers --------------------------------------------------------------
 
 

@@ -50,14 +50,12 @@ if str(ROOT) not in sys.path:  # run as `python bench/kill_worker.py`
     sys.path.insert(0, str(ROOT))
 
 from bench.common import (  # noqa: E402
-    DEFAULT_IMAGES,
+    add_service_arguments,
+    begin,
+    check_service_arguments,
     ImageFile,
-    Progress,
     Server,
     _process_label,
-    describe_images,
-    install_sigterm_handler,
-    load_images,
     serving,
     state_home,
 )
@@ -219,37 +217,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--before", type=float, default=10, help="seconds of load before the kill (default 10)")
     parser.add_argument("--after", type=float, default=30, help="seconds of load after the kill (default 30)")
     parser.add_argument("--timeout", type=float, default=120.0, help="client timeout per request (default 120 s)")
-    parser.add_argument("--images", type=Path, default=DEFAULT_IMAGES, help=f"image folder (default {DEFAULT_IMAGES})")
-    parser.add_argument("--home", type=Path, help="state directory with an active model (default: a temporary "
-                        "one, bootstrapped with the pretrained classifier)")
-    parser.add_argument("--service-env", action="append", default=[], metavar="KEY=VALUE",
-                        help="setting for the service (repeatable), e.g. TRANSFER_SERVE_INFERENCE_WORKERS=1")
-    parser.add_argument("--log-dir", type=Path, help="keep the servers' logs here (default: a temporary folder)")
+    add_service_arguments(parser, env_example="TRANSFER_SERVE_INFERENCE_WORKERS=1")
     parser.add_argument("--json", type=Path, help="write the figures to this JSON file")
     args = parser.parse_args(argv)
     args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     if not args.targets or set(args.targets) - set(TARGETS):
         parser.error(f"--targets takes a subset of {','.join(TARGETS)}")
-    env = {}
-    for item in args.service_env:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            parser.error(f"--service-env takes KEY=VALUE, got {item!r}")
-        env[key] = value
-    args.service_env = env
+    check_service_arguments(parser, args)
     if args.concurrency < 1 or args.before < 3 or args.after <= 0:
         parser.error("--concurrency >= 1, --before >= 3 and --after > 0 are required")
-    if args.home is not None and not args.home.is_dir():
-        parser.error(f"--home {args.home} is not a directory")
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    install_sigterm_handler()
-    progress = Progress()
-    images = load_images(args.images)
-    progress(f"loaded {describe_images(images)} from {args.images}")
+    progress, images = begin(args.images)
     results = []
     with contextlib.ExitStack() as stack:
         home = stack.enter_context(state_home(args.home, progress))

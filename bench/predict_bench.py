@@ -51,7 +51,9 @@ if str(ROOT) not in sys.path:  # run as `python bench/predict_bench.py`
     sys.path.insert(0, str(ROOT))
 
 from bench.common import (  # noqa: E402
-    DEFAULT_IMAGES,
+    add_service_arguments,
+    begin,
+    check_service_arguments,
     ImageFile,
     LoadResult,
     LogWatch,
@@ -61,8 +63,6 @@ from bench.common import (  # noqa: E402
     Server,
     SystemCPU,
     describe_images,
-    install_sigterm_handler,
-    load_images,
     percentiles,
     predict_load,
     serving,
@@ -491,14 +491,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "and pool the figures (default 2)")
     parser.add_argument("--sweep-seconds", type=float, default=5,
                         help="seconds per batch size in the limit's sweep (default 5)")
-    parser.add_argument("--home", type=Path, help="state directory with an active model (default: a temporary "
-                        "one, bootstrapped with the pretrained classifier)")
-    parser.add_argument("--images", type=Path, default=DEFAULT_IMAGES, help=f"image folder (default {DEFAULT_IMAGES})")
+    add_service_arguments(parser)
     parser.add_argument("--setups", default=",".join(SETUPS), help="comma-separated subset of service,limit,naive")
-    parser.add_argument("--service-env", action="append", default=[], metavar="KEY=VALUE",
-                        help="setting for the service under test (repeatable), e.g. TRANSFER_SERVE_WORKERS=2")
-    parser.add_argument("--log-dir", type=Path, help="keep the servers' logs here (default: a temporary "
-                        "folder, removed at the end)")
     parser.add_argument("--json", type=Path, help="write every figure to this JSON file")
     parser.add_argument("--plot", type=Path, help="write a PNG chart (throughput, latency percentiles)")
     args = parser.parse_args(argv)
@@ -506,27 +500,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     unknown = set(args.setups) - set(SETUPS)
     if unknown or not args.setups:
         parser.error(f"--setups takes a subset of {','.join(SETUPS)}; got {sorted(unknown) or 'nothing'}")
-    env = {}
-    for item in args.service_env:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            parser.error(f"--service-env takes KEY=VALUE, got {item!r}")
-        env[key] = value
-    args.service_env = env
+    check_service_arguments(parser, args)
     if args.concurrency < 1 or args.duration <= 0 or args.warmup < 0 or args.sweep_seconds <= 0 or args.rounds < 1:
         parser.error("--concurrency >= 1, --duration > 0, --warmup >= 0, --sweep-seconds > 0 and --rounds >= 1 "
                      "are required")
-    if args.home is not None and not args.home.is_dir():
-        parser.error(f"--home {args.home} is not a directory")
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    install_sigterm_handler()
-    progress = Progress()
-    images = load_images(args.images)
-    progress(f"loaded {describe_images(images)} from {args.images}")
+    progress, images = begin(args.images)
     from service.settings import cpu_count
 
     failures: dict[str, str] = {}

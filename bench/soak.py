@@ -46,15 +46,14 @@ if str(ROOT) not in sys.path:  # run as `python bench/soak.py`
     sys.path.insert(0, str(ROOT))
 
 from bench.common import (  # noqa: E402
-    DEFAULT_IMAGES,
+    add_service_arguments,
+    begin,
+    check_service_arguments,
     ImageFile,
     LogWatch,
-    Progress,
     _process_label,
     _valid_prediction,
     describe_images,
-    install_sigterm_handler,
-    load_images,
     percentiles,
     serving,
     state_home,
@@ -372,39 +371,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, default=64, help="concurrent clients (default 64)")
     parser.add_argument("--warmup-requests", type=int, default=256,
                         help="requests before the counted ones, not counted (default 256)")
-    parser.add_argument("--images", type=Path, default=DEFAULT_IMAGES, help=f"image folder (default {DEFAULT_IMAGES})")
-    parser.add_argument("--home", type=Path, help="state directory with an active model (default: a temporary "
-                        "one, bootstrapped with the pretrained classifier)")
-    parser.add_argument("--service-env", action="append", default=[], metavar="KEY=VALUE",
-                        help="setting for the service (repeatable), e.g. TRANSFER_SERVE_WORKERS=2")
+    add_service_arguments(parser)
     parser.add_argument("--sample-seconds", type=float, default=2.0, help="RSS sampling interval (default 2)")
     parser.add_argument("--progress-seconds", type=float, default=15.0, help="progress line interval (default 15)")
     parser.add_argument("--timeout", type=float, default=120.0, help="client timeout per request (default 120 s)")
-    parser.add_argument("--log-dir", type=Path, help="keep the server's log here (default: a temporary folder)")
     parser.add_argument("--json", type=Path, help="write every figure and the RSS samples to this JSON file")
     parser.add_argument("--plot", type=Path, help="write a PNG of RSS per process over requests")
     args = parser.parse_args(argv)
-    env = {}
-    for item in args.service_env:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            parser.error(f"--service-env takes KEY=VALUE, got {item!r}")
-        env[key] = value
-    args.service_env = env
+    check_service_arguments(parser, args)
     if args.requests < 1 or args.concurrency < 1 or args.warmup_requests < 0 or args.sample_seconds <= 0:
         parser.error("--requests >= 1, --concurrency >= 1, --warmup-requests >= 0 and --sample-seconds > 0 "
                      "are required")
-    if args.home is not None and not args.home.is_dir():
-        parser.error(f"--home {args.home} is not a directory")
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    install_sigterm_handler()
-    progress = Progress()
-    images = load_images(args.images)
-    progress(f"loaded {describe_images(images)} from {args.images}")
+    progress, images = begin(args.images)
     with contextlib.ExitStack() as stack:
         home = stack.enter_context(state_home(args.home, progress))
         if args.log_dir is None:

@@ -27,7 +27,6 @@ from tests.conftest import jpeg_files
 from tests.server import Server, serving, wait_until
 
 CLIENTS = 6
-LABEL, READY_LINE = TARGETS["inference"]
 ONE_INFERENCE_WORKER = {"TRANSFER_SERVE_WORKERS": "1", "TRANSFER_SERVE_INFERENCE_WORKERS": "1",
                         "TRANSFER_SERVE_INTRA_OP_THREADS": "1"}
 
@@ -95,25 +94,34 @@ def wait_for(condition: Callable[[], bool], what: str, timeout: float) -> None:
         time.sleep(0.1)
 
 
+def kill_under_load(server: Server, target: str, load: Load) -> tuple[int, int, float, float]:
+    """SIGKILL the ``target`` worker ("inference" or "http", see bench/kill_worker.py) once
+    predictions flow, wait for its replacement to be up, ready and answering. Returns the killed
+    and the new pid, and when (monotonic) it was killed and the service was ready again."""
+    label, ready_line = TARGETS[target]
+    victim = worker_pid(server, label)
+    assert victim is not None, f"no {label} in the server's process tree"
+    wait_for(lambda: load.successes_sent_after(0) >= 2 * CLIENTS, "predictions before the kill", 120)
+    log_offset = server.log_path.stat().st_size
+    killed_at = time.monotonic()
+    os.kill(victim, signal.SIGKILL)
+    wait_for(lambda: worker_pid(server, label) not in (None, victim), "a replacement process", 60)
+    replacement = worker_pid(server, label)
+    assert replacement is not None
+    wait_for(lambda: ready_line in server.log_path.read_bytes()[log_offset:].decode(errors="replace"),
+             f"the replacement {label} up", 120)
+    wait_until(server, "/readyz", 200, timeout=60)
+    ready_at = time.monotonic()
+    wait_for(lambda: load.successes_sent_after(ready_at) >= 2 * CLIENTS, "predictions after the replacement", 120)
+    return victim, replacement, killed_at, ready_at
+
+
 def test_a_killed_inference_worker_is_replaced_and_serves(
     kill_server: Server, hymenoptera: Path, record_property: pytest.RecordProperty
 ) -> None:
     photos = [p.read_bytes() for p in jpeg_files(hymenoptera, "ants")[:6] + jpeg_files(hymenoptera, "bees")[:6]]
-    victim = worker_pid(kill_server, LABEL)
-    assert victim is not None, f"no {LABEL} in the server's process tree"
     with Load(kill_server.url, photos) as load:
-        wait_for(lambda: load.successes_sent_after(0) >= 2 * CLIENTS, "predictions before the kill", 120)
-        log_offset = kill_server.log_path.stat().st_size
-        killed_at = time.monotonic()
-        os.kill(victim, signal.SIGKILL)
-
-        wait_for(lambda: worker_pid(kill_server, LABEL) not in (None, victim), "a replacement process", 60)
-        replacement = worker_pid(kill_server, LABEL)
-        wait_for(lambda: READY_LINE in kill_server.log_path.read_bytes()[log_offset:].decode(errors="replace"),
-                 "the replacement's model loaded and warmed up", 120)
-        wait_until(kill_server, "/readyz", 200, timeout=60)
-        ready_at = time.monotonic()
-        wait_for(lambda: load.successes_sent_after(ready_at) >= 2 * CLIENTS, "predictions after the replacement", 120)
+        victim, replacement, killed_at, ready_at = kill_under_load(kill_server, "inference", load)
 
     assert replacement != victim
     assert not psutil.pid_exists(victim) or psutil.Process(victim).status() == psutil.STATUS_ZOMBIE
@@ -141,21 +149,9 @@ def test_a_killed_inference_worker_is_replaced_and_serves(
 def test_a_killed_http_worker_is_replaced_and_only_requests_in_flight_fail(
     kill_server: Server, hymenoptera: Path, record_property: pytest.RecordProperty
 ) -> None:
-    label, ready_line = TARGETS["http"]
     photos = [p.read_bytes() for p in jpeg_files(hymenoptera, "bees")[6:12]]
-    victim = worker_pid(kill_server, label)
-    assert victim is not None, f"no {label} in the server's process tree"
     with Load(kill_server.url, photos) as load:
-        wait_for(lambda: load.successes_sent_after(0) >= 2 * CLIENTS, "predictions before the kill", 120)
-        log_offset = kill_server.log_path.stat().st_size
-        killed_at = time.monotonic()
-        os.kill(victim, signal.SIGKILL)
-        wait_for(lambda: worker_pid(kill_server, label) not in (None, victim), "a replacement process", 60)
-        wait_for(lambda: ready_line in kill_server.log_path.read_bytes()[log_offset:].decode(errors="replace"),
-                 "the replacement initialised", 120)
-        wait_until(kill_server, "/readyz", 200, timeout=60)
-        ready_at = time.monotonic()
-        wait_for(lambda: load.successes_sent_after(ready_at) >= 2 * CLIENTS, "predictions after the replacement", 120)
+        _, _, killed_at, ready_at = kill_under_load(kill_server, "http", load)
 
     failed = [a for a in load.answers if a.status != 200]
     record_property("failed_with_the_http_worker", len(failed))
