@@ -7,7 +7,7 @@ naive one-image-per-call service, measured one after another in the same run.
 
 Setups:
   service  ``bentoml serve service.service:TransferServe`` as shipped (plus any --service-env)
-  limit    the same bytes decoded by models.preprocess.preprocess in a thread pool (one thread per
+  limit    the same bytes decoded by models.preprocess.preprocess (fast=True, as the service) in a thread pool (one thread per
            core) feeding batches to the session of the service's own ModelRuntime (same session
            options), in this process, no HTTP; batch sizes 1, 4, 8, 16, 32 are tried briefly and the best one is
            measured
@@ -121,7 +121,7 @@ def limit_runtimes(home: Path, service_env: Mapping[str, str], sessions: int, th
 
 def limit_run(runtimes: Sequence[Any], images: Sequence[ImageFile], *, batch_size: int, seconds: float,
               warmup: float, decode_threads: int, probes: Sequence[Any] = ()) -> dict[str, Any]:
-    """Images/s of decode threads (``models.preprocess.preprocess``) feeding ``batch_size``
+    """Images/s of decode threads (``models.preprocess.preprocess``, the service's fast path) feeding ``batch_size``
     batches to the runtimes' onnxruntime sessions, one consumer thread per session (logits,
     then softmax, as the service does; ``session.run`` releases the GIL).
 
@@ -143,7 +143,7 @@ def limit_run(runtimes: Sequence[Any], images: Sequence[ImageFile], *, batch_siz
     def decode(first: int) -> None:
         index = first
         while not stop.is_set():
-            array = preprocess(images[index % len(images)].data, config)
+            array = preprocess(images[index % len(images)].data, config, fast=True)  # as the service
             index += decode_threads
             while not stop.is_set():
                 try:

@@ -8,6 +8,21 @@ decoded, EXIF orientation applied, every Pillow mode converted to RGB with its r
 ``Resize(int)`` + ``CenterCrop`` + ``ToTensor`` + ``Normalize``) with numpy and Pillow only, so
 the service needs no torch. Failures raise :class:`~models.errors.ImageDecodeError` or
 :class:`~models.errors.ImageTooLargeError`, which the service maps to 4xx responses.
+
+Two paths compute the same spec'd transform. The exact path (the default everywhere, ``fast=False``)
+is bit-identical with timm's eval transform: training, evaluation, retraining and the export
+checks use it, so what is measured is what the network was trained with. The fast path
+(``fast=True``), which the HTTP service uses, decodes large JPEGs at reduced scale (libjpeg DCT
+scaling, keeping at least :data:`FAST_DECODE_MARGIN` times the resize target on the shorter side),
+lets Pillow pre-reduce other large images (:data:`FAST_REDUCING_GAP`) and resamples only the
+centre-crop window; its uint8 crops differ from the exact ones by under half a level (of 255) on
+average, a few levels at single edge pixels, and the model's top-1 does not change on the photos
+measured (``tests/unit/test_preprocess.py`` and ``bench/preprocess_bench.py``). The choice is the
+caller's keyword, not a spec field: the spec (one per model version) stays the one source of what
+the transform is (sizes, interpolation, mean/std) and both paths read the same
+:class:`~models.spec.PreprocessConfig`; how precisely a caller computes it depends on the caller
+(training must reproduce timm, serving may trade a fraction of a level for CPU), not on the model
+version, and old spec.json files need no new field.
 """
 
 from __future__ import annotations
@@ -17,10 +32,11 @@ import io
 import logging
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import ExifTags, Image, UnidentifiedImageError
+from PIL import ExifTags, Image, JpegImagePlugin, UnidentifiedImageError
 
 from models.errors import ImageDecodeError, ImageTooLargeError, InputError
 from models.spec import PreprocessConfig
@@ -71,6 +87,54 @@ _PREMULTIPLIED_MODES = frozenset({"La", "RGBa"})
 _FULL_RESIZE_MAX_PIXELS = 4 * 1024 * 1024
 _FULL_RESIZE_MAX_ASPECT = 16
 
+#: Fast path: a JPEG is decoded at 1/2, 1/4 or 1/8 scale only while its shorter side stays at
+#: least this many times the resize target (2 x 256 = 512 pixels for the default model), so the
+#: final resample still reduces by 2x or more and keeps its anti-aliasing doing the real work.
+FAST_DECODE_MARGIN = 2
+
+#: Fast path: ``reducing_gap`` for :meth:`PIL.Image.Image.resize`: images more than this many
+#: times the target size are first box-reduced by an integer factor (cheap), leaving at least this
+#: ratio for the filter. Pillow documents 3.0 as indistinguishable from the plain resize in most
+#: cases; it matters for large non-JPEG images (and JPEGs beyond what 1/8 scale covers).
+FAST_REDUCING_GAP = 3.0
+
+# Which edge of an image ends up where after each transpose: new (left, top, right, bottom)
+# as indices into the old (left, top, right, bottom). Used to carry the part of a reduced-scale
+# JPEG that holds the picture (its last row/column may be partly padding) through the EXIF
+# transpose.
+_EDGES_AFTER_TRANSPOSE: dict[Image.Transpose, tuple[int, int, int, int]] = {
+    Image.Transpose.FLIP_LEFT_RIGHT: (2, 1, 0, 3),
+    Image.Transpose.FLIP_TOP_BOTTOM: (0, 3, 2, 1),
+    Image.Transpose.ROTATE_180: (2, 3, 0, 1),
+    Image.Transpose.ROTATE_90: (1, 2, 3, 0),  # counter-clockwise: the top edge becomes the left
+    Image.Transpose.ROTATE_270: (3, 0, 1, 2),  # clockwise: the left edge becomes the top
+    Image.Transpose.TRANSPOSE: (1, 0, 3, 2),
+    Image.Transpose.TRANSVERSE: (3, 2, 1, 0),
+}
+_SWAPS_AXES = frozenset(
+    {
+        Image.Transpose.ROTATE_90,
+        Image.Transpose.ROTATE_270,
+        Image.Transpose.TRANSPOSE,
+        Image.Transpose.TRANSVERSE,
+    }
+)
+
+
+@dataclass(frozen=True)
+class _Decoded:
+    """An upright RGB image, possibly decoded at reduced scale.
+
+    ``size`` is the upright size of the full-resolution picture (what the exact path would have
+    decoded); ``content`` is the region of ``image``, in its own pixel coordinates, that holds
+    that whole picture: ``(0, 0, width, height)`` unless the JPEG was decoded at 1/s scale with a
+    size not divisible by s, where the last decoded row or column covers fewer source pixels.
+    """
+
+    image: Image.Image
+    size: tuple[int, int]
+    content: tuple[float, float, float, float]
+
 
 def load_image_bytes(path: str | os.PathLike[str]) -> bytes:
     """Read an image file's bytes (decoding is :func:`decode_image`'s job)."""
@@ -89,6 +153,14 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
         ImageTooLargeError: more than ``max_pixels`` pixels.
         ValueError: ``max_pixels`` is not positive.
     """
+    return _decode(data, max_pixels=max_pixels, min_short_side=None).image
+
+
+def _decode(data: bytes, *, max_pixels: int, min_short_side: int | None) -> _Decoded:
+    """:func:`decode_image`; with ``min_short_side``, a JPEG whose shorter side is at least
+    twice that is decoded at the smallest 1/2, 1/4 or 1/8 scale that keeps the shorter side at
+    ``min_short_side`` or more (libjpeg scales while decoding: less work, less memory). Every
+    check (pixel limit on the header size, corruption, EXIF, mode) is the same as without."""
     if max_pixels < 1:
         raise ValueError(f"max_pixels must be positive, got {max_pixels}")
     if not data:
@@ -120,6 +192,20 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
         )
     if width < 1 or height < 1:
         raise ImageDecodeError(f"image has no pixels ({width}x{height})")
+    content = (0.0, 0.0, float(width), float(height))
+    if (
+        min_short_side is not None
+        and isinstance(image, JpegImagePlugin.JpegImageFile)  # JPEG and MPO
+        and min(width, height) >= 2 * min_short_side
+    ):
+        # Pillow picks the scale s in (8, 4, 2, 1) with s <= shorter side // min_short_side and
+        # sizes the image ceil(width / s) x ceil(height / s); draft returns the region holding
+        # the picture, (0, 0, width / s, height / s). None: the file cannot be drafted (several
+        # tiles), decoded at full size as usual.
+        drafted = image.draft(None, (min_short_side, min_short_side))
+        if drafted is not None:
+            _, _, right, bottom = drafted[1]
+            content = (0.0, 0.0, float(right), float(bottom))
     try:
         # Force the full decode now so corruption and truncation surface here, as
         # ImageDecodeError, rather than later in resize.
@@ -132,12 +218,22 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
         raise ImageDecodeError(
             f"the {image.format} image ({width}x{height}) is corrupt or truncated: {exc}"
         ) from exc
-    upright = _apply_exif_orientation(image)
-    return to_rgb(upright)
+    method = _exif_transpose_method(image)
+    if method is None:
+        return _Decoded(to_rgb(image), (width, height), content)
+    left, top, right, bottom = content
+    margins = (left, top, image.width - right, image.height - bottom)
+    upright = image.transpose(method)
+    new_left, new_top, new_right, new_bottom = (margins[i] for i in _EDGES_AFTER_TRANSPOSE[method])
+    return _Decoded(
+        to_rgb(upright),
+        (height, width) if method in _SWAPS_AXES else (width, height),
+        (new_left, new_top, upright.width - new_right, upright.height - new_bottom),
+    )
 
 
-def _apply_exif_orientation(image: Image.Image) -> Image.Image:
-    """Return ``image`` rotated/flipped as its EXIF (or XMP) orientation asks.
+def _exif_transpose_method(image: Image.Image) -> Image.Transpose | None:
+    """The transpose that displays ``image`` upright as its EXIF (or XMP) orientation asks.
 
     Same mapping as ImageOps.exif_transpose, without its metadata rewriting (we keep pixels
     only) or its full copy of every image that needs no transpose.
@@ -149,13 +245,11 @@ def _apply_exif_orientation(image: Image.Image) -> Image.Image:
     except Exception as exc:  # noqa: BLE001 - any EXIF parsing failure means the same
         # Garbage EXIF must not make an otherwise good photo unusable.
         logger.warning("ignoring unreadable EXIF data (%s: %s)", type(exc).__name__, exc)
-        return image
+        return None
     method = _EXIF_TRANSPOSE.get(orientation) if isinstance(orientation, int) else None
-    if method is None:
-        if orientation != 1:
-            logger.warning("ignoring invalid EXIF orientation %r", orientation)
-        return image
-    return image.transpose(method)
+    if method is None and orientation != 1:
+        logger.warning("ignoring invalid EXIF orientation %r", orientation)
+    return method
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -235,23 +329,29 @@ def _centre_crop_origin(size: int, crop: int) -> int:
     return round((size - crop) / 2.0)  # Python's round, as torchvision: half to even
 
 
+def _resized_size(width: int, height: int, resize_size: int) -> tuple[int, int]:
+    """torchvision ``Resize(int)``: the shorter side becomes ``resize_size``, the longer one
+    keeps the aspect ratio (truncated, as torchvision does)."""
+    short, long = (width, height) if width <= height else (height, width)
+    new_long = int(resize_size * long / short)
+    return (resize_size, new_long) if width <= height else (new_long, resize_size)
+
+
 def _resize_and_crop(image: Image.Image, config: PreprocessConfig) -> Image.Image:
     """torchvision Resize(resize_size) then CenterCrop(input_size), on a PIL image."""
     width, height = image.size
-    short, long = (width, height) if width <= height else (height, width)
-    new_short = config.resize_size
-    new_long = int(new_short * long / short)
-    new_w, new_h = (new_short, new_long) if width <= height else (new_long, new_short)
-
+    new_w, new_h = _resized_size(width, height, config.resize_size)
     crop = config.input_size
     left = _centre_crop_origin(new_w, crop)
     top = _centre_crop_origin(new_h, crop)
-    resample = _RESAMPLE[config.interpolation]
 
+    new_short = config.resize_size
     budget = max(_FULL_RESIZE_MAX_PIXELS, _FULL_RESIZE_MAX_ASPECT * new_short * new_short)
     if new_w * new_h <= budget:
         resized = (
-            image if (new_w, new_h) == (width, height) else image.resize((new_w, new_h), resample)
+            image
+            if (new_w, new_h) == (width, height)
+            else image.resize((new_w, new_h), _RESAMPLE[config.interpolation])
         )
         # PIL fills the part of a crop box outside the image with zeros, which is exactly
         # torchvision's zero padding when the image is smaller than the crop.
@@ -262,14 +362,48 @@ def _resize_and_crop(image: Image.Image, config: PreprocessConfig) -> Image.Imag
     # fixed-point weights come out slightly differently, so pixels may differ from
     # crop-after-resize by a few levels (nearest: by one source pixel). Such images are far
     # from anything trained on; bounded memory matters more for them than bit-exactness.
-    scale_x, scale_y = width / new_w, height / new_h
+    return _resample_crop_window(
+        image, config, (width, height), (0.0, 0.0, float(width), float(height)), reducing_gap=None
+    )
+
+
+def _resample_crop_window(
+    image: Image.Image,
+    config: PreprocessConfig,
+    size: tuple[int, int],
+    content: tuple[float, float, float, float],
+    *,
+    reducing_gap: float | None,
+) -> Image.Image:
+    """Resize + centre crop computing only the crop window's pixels.
+
+    The geometry (resized size, crop origin) is torchvision's for a picture of ``size``;
+    ``content`` is where that picture lies in ``image`` (smaller than ``size`` when it was
+    decoded at reduced scale), and the window is mapped into it.
+    """
+    new_w, new_h = _resized_size(*size, config.resize_size)
+    crop = config.input_size
+    left = _centre_crop_origin(new_w, crop)
+    top = _centre_crop_origin(new_h, crop)
     x0, y0 = max(left, 0), max(top, 0)
     x1, y1 = min(left + crop, new_w), min(top + crop, new_h)
-    window = image.resize(
-        (x1 - x0, y1 - y0),
-        resample,
-        box=(x0 * scale_x, y0 * scale_y, x1 * scale_x, y1 * scale_y),
-    )
+    content_left, content_top, content_right, content_bottom = content
+    if (new_w, new_h) == image.size and content == (0.0, 0.0, *map(float, image.size)):
+        window = image.crop((x0, y0, x1, y1))  # no resize at all: the exact pixels
+    else:
+        scale_x = (content_right - content_left) / new_w
+        scale_y = (content_bottom - content_top) / new_h
+        window = image.resize(
+            (x1 - x0, y1 - y0),
+            _RESAMPLE[config.interpolation],
+            box=(
+                content_left + x0 * scale_x,
+                content_top + y0 * scale_y,
+                content_left + x1 * scale_x,
+                content_top + y1 * scale_y,
+            ),
+            reducing_gap=reducing_gap,
+        )
     if (x0, y0, x1, y1) == (left, top, left + crop, top + crop):
         return window
     padded = Image.new("RGB", (crop, crop), (0, 0, 0))
@@ -294,14 +428,55 @@ def _normalise_table(
     return table
 
 
-def crop_image(image: Image.Image, config: PreprocessConfig) -> np.ndarray:
+def crop_image(image: Image.Image, config: PreprocessConfig, *, fast: bool = False) -> np.ndarray:
     """The resized, centre-cropped image as uint8 (input_size, input_size, 3): the exact input
-    before normalisation, and a quarter of its size (what the service sends between processes)."""
+    before normalisation, and a quarter of its size (what the service sends between processes).
+
+    ``fast=True`` resamples only the crop window, with :data:`FAST_REDUCING_GAP`: less work, and
+    a fraction of a level from the exact (timm) result on average. Use it only where the model's
+    input may be approximated (serving); training and evaluation use the default exact path.
+    """
     if image.width < 1 or image.height < 1:
         raise ImageDecodeError(f"image has no pixels ({image.width}x{image.height})")
     if image.mode != "RGB" or "transparency" in image.info:
         image = to_rgb(image)
+    if fast:
+        full = (0.0, 0.0, float(image.width), float(image.height))
+        return np.asarray(
+            _resample_crop_window(image, config, image.size, full, reducing_gap=FAST_REDUCING_GAP)
+        )
     return np.asarray(_resize_and_crop(image, config))
+
+
+def decode_and_crop(
+    data: bytes,
+    config: PreprocessConfig,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    fast: bool = False,
+) -> np.ndarray:
+    """Image bytes -> uint8 crop (input_size, input_size, 3): :func:`decode_image` then
+    :func:`crop_image`.
+
+    ``fast=True`` (the service's path) also decodes a large JPEG at 1/2, 1/4 or 1/8 scale while
+    its shorter side stays at least :data:`FAST_DECODE_MARGIN` times ``config.resize_size``.
+    Errors and their messages are the same on both paths: the pixel limit applies to the size
+    in the header, whatever scale the decoder then uses.
+    """
+    if not fast:
+        return crop_image(decode_image(data, max_pixels=max_pixels), config)
+    decoded = _decode(
+        data, max_pixels=max_pixels, min_short_side=FAST_DECODE_MARGIN * config.resize_size
+    )
+    return np.asarray(
+        _resample_crop_window(
+            decoded.image,
+            config,
+            decoded.size,
+            decoded.content,
+            reducing_gap=FAST_REDUCING_GAP,
+        )
+    )
 
 
 def normalise_crops(crops: np.ndarray, config: PreprocessConfig) -> np.ndarray:
@@ -316,8 +491,7 @@ def normalise_crops(crops: np.ndarray, config: PreprocessConfig) -> np.ndarray:
     return out
 
 
-def _preprocess_into(image: Image.Image, config: PreprocessConfig, out: np.ndarray) -> None:
-    pixels = crop_image(image, config)  # (H, W, 3) uint8
+def _normalise_into(pixels: np.ndarray, config: PreprocessConfig, out: np.ndarray) -> None:
     table = _normalise_table(config.mean, config.std)
     for channel in range(3):
         # mode="clip" lets take() write straight into `out` (indices are 0..255 anyway).
@@ -332,19 +506,33 @@ def preprocess_image(image: Image.Image, config: PreprocessConfig) -> np.ndarray
     """
     size = config.input_size
     out = np.empty((3, size, size), dtype=np.float32)
-    _preprocess_into(image, config, out)
+    _normalise_into(crop_image(image, config), config, out)
     return out
 
 
 def preprocess(
-    data: bytes, config: PreprocessConfig, *, max_pixels: int = DEFAULT_MAX_PIXELS
+    data: bytes,
+    config: PreprocessConfig,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    fast: bool = False,
 ) -> np.ndarray:
-    """Decode image bytes and return the network input, float32 (3, input_size, input_size)."""
-    return preprocess_image(decode_image(data, max_pixels=max_pixels), config)
+    """Decode image bytes and return the network input, float32 (3, input_size, input_size).
+
+    ``fast``: as for :func:`decode_and_crop`; the default is the exact (timm) path.
+    """
+    size = config.input_size
+    out = np.empty((3, size, size), dtype=np.float32)
+    _normalise_into(decode_and_crop(data, config, max_pixels=max_pixels, fast=fast), config, out)
+    return out
 
 
 def preprocess_batch(
-    items: Sequence[bytes], config: PreprocessConfig, *, max_pixels: int = DEFAULT_MAX_PIXELS
+    items: Sequence[bytes],
+    config: PreprocessConfig,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    fast: bool = False,
 ) -> np.ndarray:
     """Preprocess several images into one float32 (N, 3, input_size, input_size) batch.
 
@@ -359,7 +547,8 @@ def preprocess_batch(
     batch = np.empty((len(items), 3, size, size), dtype=np.float32)
     for index, data in enumerate(items):
         try:
-            _preprocess_into(decode_image(data, max_pixels=max_pixels), config, batch[index])
+            pixels = decode_and_crop(data, config, max_pixels=max_pixels, fast=fast)
         except InputError as exc:
             raise type(exc)(f"image {index}: {exc}") from exc
+        _normalise_into(pixels, config, batch[index])
     return batch

@@ -21,7 +21,7 @@ import numpy as np
 from pydantic import Field
 
 from models.errors import InputError, ModelError
-from models.preprocess import crop_image, decode_image
+from models.preprocess import decode_and_crop
 from models.registry import ModelRegistry
 from models.spec import ModelSpec
 
@@ -132,7 +132,9 @@ class TransferServe:
 
         def one(index: int) -> np.ndarray:
             try:
-                return crop_image(decode_image(blobs[index], max_pixels=settings.max_pixels), spec.preprocess)
+                # fast=True: reduced-scale JPEG decode + crop-window resize, within ~1 level of the
+                # exact (timm) crops training evaluated with; see models/preprocess.py
+                return decode_and_crop(blobs[index], spec.preprocess, max_pixels=settings.max_pixels, fast=True)
             except InputError as exc:
                 raise image_error(index, paths[index], exc) from None
 

@@ -198,7 +198,7 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_result(
 ) -> None:
     photos = [p.read_bytes() for p in jpeg_files(hymenoptera, "ants")[:12] + jpeg_files(hymenoptera, "bees")[:12]]
     version = ModelRegistry(bootstrapped_home).get("v1")
-    inputs = np.stack([preprocess(b, version.spec.preprocess) for b in photos])
+    inputs = np.stack([preprocess(b, version.spec.preprocess, fast=True) for b in photos])  # as served
     logits, _ = run_in_batches(cpu_session(version.onnx_path), inputs, batch_size=1)
     expected = softmax(logits)
     before = batch_sizes(client.get("/metrics").text)
