@@ -22,6 +22,7 @@ import logging
 import os
 import re
 import shutil
+import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -42,6 +43,14 @@ log = logging.getLogger(__name__)
 
 MODEL_NAME = "transfer-serve"
 ONNX_FILENAME = "model.onnx"
+#: The statically quantised (INT8, QDQ) variant of ``model.onnx``, added later by
+#: ``python -m training quantize`` (:meth:`ModelRegistry.add_files`); same inputs and outputs.
+INT8_ONNX_FILENAME = "model.int8.onnx"
+#: The figures of the INT8 variant's accuracy check, stored beside it.
+INT8_REPORT_FILENAME = "model.int8.json"
+#: Top-1 accuracy an INT8 variant may lose against fp32 on its check images (0.5 percentage
+#: points, the issue's target); a variant that loses more is not added.
+INT8_MAX_ACCURACY_LOSS = 0.005
 METRICS_FILENAME = "metrics.json"
 INFO_FILENAME = "version.json"
 EMBEDDINGS_FILENAME = "embeddings.npy"
@@ -79,6 +88,18 @@ class ModelVersion:
     @property
     def onnx_path(self) -> Path:
         return self.path / ONNX_FILENAME
+
+    @property
+    def int8_onnx_path(self) -> Path:
+        return self.path / INT8_ONNX_FILENAME
+
+    def manifest_files(self) -> dict[str, str]:
+        """The files the manifest lists (name -> sha256)."""
+        manifest = _read_json(self.path / MANIFEST_FILENAME, self.version)
+        files = manifest.get("files") if isinstance(manifest, dict) else None
+        if not isinstance(files, dict):
+            raise ModelError(f"version {self.version}: {MANIFEST_FILENAME} is corrupted (no file list)")
+        return files
 
     @property
     def report_dir(self) -> Path:
@@ -136,6 +157,8 @@ class ModelVersion:
             if actual != expected:
                 raise ModelError(f"version {self.version}: {name} is corrupted (checksum mismatch)")
         check_onnx_contract(self.onnx_path, self.spec)
+        if INT8_ONNX_FILENAME in files:
+            check_onnx_contract(self.int8_onnx_path, self.spec)
 
     def summary(self) -> dict[str, Any]:
         info = self.info
@@ -317,6 +340,39 @@ class ModelRegistry:
                 return Fallback(failed, reason, name, switched=True)
         return Fallback(failed, reason, None, switched=False)
 
+    def add_files(self, version: str, files: Mapping[str, Path]) -> ModelVersion:
+        """Add derived files (a quantised variant and its figures) to a complete version, which
+        must verify first. A version is otherwise immutable: a name it already holds is refused,
+        and an INT8 graph that does not meet the spec is refused before anything is written.
+
+        Under the registry lock, each file is copied in atomically, then the manifest is replaced
+        atomically with their checksums added, so a reader (a worker verifying the version) sees
+        the old manifest or the new one, and every file either lists is complete."""
+        target = self.get(version)
+        for name, source in files.items():
+            if not name or "/" in name or name.startswith("."):
+                raise ModelError(f"{name!r} is not a plain file name")
+            if name == INT8_ONNX_FILENAME:
+                check_onnx_contract(source, target.spec)
+        with self._locked():
+            target.verify()
+            listed = target.manifest_files()
+            for name in files:
+                if name in listed or (target.path / name).exists():
+                    raise ModelError(f"version {version} already has {name} (a version is immutable: "
+                                     "a derived file can be added once)")
+            # the new files get the version's own permissions (mkstemp's 0600 would lock out a
+            # service running as another user), set before the rename so no reader sees less
+            mode = (target.path / MANIFEST_FILENAME).stat().st_mode & 0o777
+            added = {}
+            for name, source in files.items():
+                _install(target.path / name, Path(source).read_bytes(), mode)
+                added[name] = sha256_file(target.path / name)
+            manifest = json.dumps({"files": {**listed, **added}}, indent=2, sort_keys=True).encode()
+            _install(target.path / MANIFEST_FILENAME, manifest, mode)
+        log.info("added %s to model version %s", ", ".join(files), version)
+        return target
+
     def register(
         self,
         *,
@@ -396,6 +452,22 @@ class ModelRegistry:
         if activate or self.active_version() is None:
             self.activate(version)
         return stored
+
+
+def _install(path: Path, data: bytes, mode: int) -> None:
+    """Write ``path`` atomically (a flushed temporary file renamed over it) with ``mode``."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:12]}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
 
 
 def _fsync_tree(root: Path) -> None:

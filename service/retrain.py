@@ -12,6 +12,7 @@ refused version is kept, inactive, with its metrics.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -27,10 +28,16 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from models.errors import InputError
-from models.head import HeadParams, fit_linear_head
-from models.onnx_io import read_head, replace_head, run_in_batches, verify_head
+from models.head import HeadParams, LinearHead, fit_linear_head
+from models.onnx_io import cpu_session, read_head, replace_head, run_in_batches, verify_head
 from models.preprocess import preprocess
-from models.registry import ModelRegistry, ModelVersion
+from models.registry import (
+    INT8_MAX_ACCURACY_LOSS,
+    INT8_ONNX_FILENAME,
+    INT8_REPORT_FILENAME,
+    ModelRegistry,
+    ModelVersion,
+)
 
 from .db import storage_failure
 from .embeddings import EmbeddingCache
@@ -122,6 +129,35 @@ def embed_missing(parent: ModelVersion, store: LabelStore, cache: EmbeddingCache
                 found.update(computed)
                 progress("embedding", 0.05 + 0.75 * (start + len(chunk)) / len(missing))
     return found, len(missing)
+
+
+def add_int8_variant(registry: ModelRegistry, parent: ModelVersion, version: ModelVersion, head: LinearHead,
+                     inputs: np.ndarray, targets: np.ndarray | None, workdir: Path, threads: int) -> dict[str, Any]:
+    """Give the new version the parent's INT8 graph with the new head. The backbone, and so its
+    calibration (on the parent's training images), is the parent's; the head is float in both.
+    Added only if its top-1 accuracy on ``inputs`` (the held-out images; without labels, its
+    agreement with fp32) is within INT8_MAX_ACCURACY_LOSS of the new fp32 graph's."""
+    path = workdir / INT8_ONNX_FILENAME
+    replace_head(parent.int8_onnx_path, path, head.weight, head.bias)
+    verify_head(path, head.weight, head.bias, inputs[:4])
+    fp32 = run_in_batches(cpu_session(version.onnx_path, intra_op_threads=threads), inputs)[0].argmax(1)
+    int8 = run_in_batches(cpu_session(path, intra_op_threads=threads), inputs)[0].argmax(1)
+    reference = targets if targets is not None else fp32
+    figures: dict[str, Any] = {
+        "from": parent.version, "check_images": len(inputs), "labelled": targets is not None,
+        "fp32_accuracy": float((fp32 == reference).mean()), "int8_accuracy": float((int8 == reference).mean()),
+        "top1_agreement": float((fp32 == int8).mean()),
+    }
+    figures["added"] = figures["fp32_accuracy"] - figures["int8_accuracy"] <= INT8_MAX_ACCURACY_LOSS + 1e-9
+    if not figures["added"]:
+        log.warning("version %s gets no INT8 variant: with its head, %s's INT8 backbone scores %.4f against "
+                    "fp32's %.4f on %d held-out images", version.version, parent.version,
+                    figures["int8_accuracy"], figures["fp32_accuracy"], len(inputs))
+        return figures
+    report = workdir / INT8_REPORT_FILENAME
+    report.write_text(json.dumps(figures, indent=2))
+    registry.add_files(version.version, {INT8_ONNX_FILENAME: path, INT8_REPORT_FILENAME: report})
+    return figures
 
 
 def _accuracy(predicted: list[str], truth: list[str]) -> float:
@@ -223,6 +259,12 @@ def retrain(home: Path, params: RetrainParams, report: Callable[..., None], thre
             details={"strategy": "retrain-head", "job_params": params.model_dump(),
                      "seconds": round(time.perf_counter() - started, 2)},
         )
+        if INT8_ONNX_FILENAME in parent.manifest_files():  # before activation: workers load both at once
+            held_inputs = np.stack([preprocess(store.read(i), parent.spec.preprocess) for i in held_ids]) \
+                if held_ids else sample
+            held_targets = held_y if held_ids else None
+            metrics["int8"] = add_int8_variant(registry, parent, version, head, held_inputs, held_targets, Path(tmp),
+                                               threads)
     if promote:
         progress("activating", 0.98)
         try:

@@ -19,6 +19,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,7 +27,7 @@ import numpy as np
 from models.errors import ModelError
 from models.onnx_io import softmax
 from models.preprocess import normalise_crops
-from models.registry import ModelRegistry, ModelVersion
+from models.registry import INT8_ONNX_FILENAME, ModelRegistry, ModelVersion
 from models.spec import ONNX_INPUT, ONNX_LOGITS, ModelSpec
 
 from .providers import session_providers
@@ -42,6 +43,7 @@ class LoadedModel:
     spec: ModelSpec
     session: Any  # onnxruntime.InferenceSession
     providers: tuple[str, ...]
+    variant: str = "fp32"  # which graph of the version: fp32 (model.onnx) or int8 (model.int8.onnx)
 
 
 class ModelNotLoaded(RuntimeError):
@@ -71,15 +73,27 @@ class ModelRuntime:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
         providers = session_providers(self.settings)
+        variant, path = self._variant(version)
         session = ort.InferenceSession(
-            str(version.onnx_path), options,
+            str(path), options,
             providers=[name for name, _ in providers], provider_options=[opts for _, opts in providers],
         )
         size = version.spec.preprocess.input_size
         for batch in sorted({1, min(8, self.settings.max_batch_size)}):  # warm-up
             session.run([ONNX_LOGITS], {ONNX_INPUT: np.zeros((batch, 3, size, size), np.float32)})
         return LoadedModel(version.version, version.number, version.spec, session,
-                           tuple(session.get_providers()))
+                           tuple(session.get_providers()), variant)
+
+    def _variant(self, version: ModelVersion) -> tuple[str, Path]:
+        """The graph to serve: the INT8 one if the settings ask for it and the version's manifest
+        lists it (so it was checked with the version), else fp32."""
+        if self.settings.model_variant == "int8":
+            if INT8_ONNX_FILENAME in version.manifest_files():
+                return "int8", version.int8_onnx_path
+            log.warning("TRANSFER_SERVE_MODEL_VARIANT=int8, but model version %s has no INT8 variant: serving its "
+                        "fp32 model (add one with `python -m training quantize --version %s --data DIR`)",
+                        version.version, version.version)
+        return "fp32", version.onnx_path
 
     def refresh(self) -> bool:
         """Load the active version if it is not the loaded one. True if a new one went live.
@@ -118,8 +132,8 @@ class ModelRuntime:
                 return False
             self._loaded = loaded  # the swap: one reference assignment
             self._failed_pointer = None
-            log.info("serving model version %s (%d labels) on %s; loaded and warmed up in %.2fs",
-                     loaded.version, loaded.spec.num_classes, ", ".join(loaded.providers),
+            log.info("serving model version %s (%d labels) on %s; variant %s; loaded and warmed up in %.2fs",
+                     loaded.version, loaded.spec.num_classes, ", ".join(loaded.providers), loaded.variant,
                      time.perf_counter() - started)
             return True
         return False

@@ -1,4 +1,4 @@
-"""Command-line interface: ``python -m training {bootstrap,fit,evaluate,models,import}``.
+"""Command-line interface: ``python -m training {bootstrap,fit,evaluate,models,import,quantize}``.
 
 Progress bars and logs go to stderr; results go to stdout. With ``--json`` the output ends with
 one JSON object (``version`` and ``metrics`` for ``fit``), so scripts can read the last line.
@@ -17,7 +17,7 @@ from typing import Any
 from models.errors import InputError, TransferServeError, VersionNotFoundError
 from models.paths import state_home
 from models.preprocess import DEFAULT_MAX_PIXELS
-from models.registry import ModelRegistry
+from models.registry import INT8_ONNX_FILENAME, ModelRegistry
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -53,6 +53,15 @@ def _parser() -> argparse.ArgumentParser:
     imp.add_argument("--data", required=True, type=Path, help="labelled folder (one subfolder per class) or CSV manifest (path,label)")
     imp.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="largest image accepted, width x height")
     imp.add_argument("--json", action="store_true")
+
+    quant = sub.add_parser("quantize", help="add an INT8 variant (static QDQ, per-channel) to a version, "
+                           "calibrated on its own training images")
+    quant.add_argument("--version", required=True)
+    quant.add_argument("--data", required=True, type=Path,
+                       help="the labelled folder or CSV manifest the version was trained on")
+    quant.add_argument("--calibration-images", type=int, default=None,
+                       help="most training images to calibrate on (default 200)")
+    quant.add_argument("--json", action="store_true")
 
     ls = sub.add_parser("models", help="list versions, their metrics, and which is active")
     ls.add_argument("--json", action="store_true")
@@ -112,9 +121,25 @@ def run(args: argparse.Namespace) -> int:
 
         summary = import_folder(args.data, LabelStore(registry.home), max_pixels=args.max_pixels, progress=not quiet)
         _emit(summary.to_dict()) if args.json else print(summary.describe())
+    elif args.command == "quantize":
+        from .quantize import MAX_CALIBRATION_IMAGES, quantize_version
+
+        if args.calibration_images is not None and args.calibration_images < 1:
+            raise InputError("--calibration-images must be at least 1")
+        quantized = quantize_version(registry, args.version, args.data, progress=not quiet,
+                                     max_calibration=args.calibration_images or MAX_CALIBRATION_IMAGES)
+        if args.json:
+            _emit(quantized.as_dict())
+        else:
+            print(f"added model.int8.onnx to {quantized.version} in {quantized.seconds:.1f}s: calibrated on "
+                  f"{quantized.calibration_images} training images; on {quantized.check_source}: top-1 accuracy "
+                  f"{quantized.int8_accuracy:.4f} (fp32 {quantized.fp32_accuracy:.4f}), agreement "
+                  f"{quantized.top1_agreement:.4f}")
+            print("serve it with TRANSFER_SERVE_MODEL_VARIANT=int8")
     elif args.command == "models":
         active = registry.active_version()
-        rows = [{**v.summary(), "active": v.version == active} for v in registry.versions()]
+        rows = [{**v.summary(), "active": v.version == active, "int8": INT8_ONNX_FILENAME in v.manifest_files()}
+                for v in registry.versions()]
         if args.json:
             for row in rows:
                 row["num_labels"] = len(row["labels"])
@@ -126,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
                 acc = row["metrics"].get("accuracy")
                 print(f"{'*' if row['active'] else ' '} {row['version']:<6} {row['created_at'][:19]}  "
                       f"{row['strategy'] or '':<9} {len(row['labels']):>5} labels  "
-                      f"accuracy {'-' if acc is None else f'{acc:.3f}'}")
+                      f"accuracy {'-' if acc is None else f'{acc:.3f}'}{'  +int8' if row['int8'] else ''}")
     return 0
 
 

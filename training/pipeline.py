@@ -190,6 +190,7 @@ def _export_and_register(
         "skipped": [f"{path}: {reason}" for path, reason in dataset.skipped],
         "class_counts": dataset.class_counts(),
         "seed": options.seed,
+        "val_fraction": options.val_fraction,  # with seed, reproduces the split (training/quantize.py)
         "epochs": len(history) if options.strategy == "finetune" else None,
         "best_epoch": best_epoch,
         "train_seconds": round(seconds, 1),

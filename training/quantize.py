@@ -1,0 +1,253 @@
+"""An INT8 variant of a stored version: static quantisation (QDQ, per-channel weights, MinMax
+calibration) written as ``model.int8.onnx`` beside the version's ``model.onnx``.
+
+    .venv/bin/python -m training quantize --version v2 --data ../shared/data/hymenoptera/train
+
+Calibration uses the version's own training images: the images under ``--data`` whose content
+hash is among those the version was trained on (its stored embedding hashes). For a version made
+by ``fit`` on that folder, fit's split is reproduced: at most ``MAX_CALIBRATION_IMAGES`` of the
+training part calibrate, and the held-out part checks the variant. For other versions (a
+head-only retrain) the check runs on the calibration images themselves, which the result says.
+
+The variant keeps the graph's input and outputs (``logits``, ``embedding``); the linear head stays
+float (a 1280 x C Gemm costs nothing, and quantised logits would make the scores coarse), so the
+head of an INT8 graph can be read and replaced like an fp32 one. It is written only if its
+top-1 accuracy on the check images is at most ``MAX_ACCURACY_LOSS`` (0.5 percentage points) below
+fp32's; otherwise :class:`QuantizationRefused` says by how much it missed and nothing is written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from models.errors import DatasetError, ModelError
+from models.onnx_io import check_onnx_contract, cpu_session, run_in_batches, softmax
+from models.preprocess import preprocess_image
+from models.registry import (
+    INT8_MAX_ACCURACY_LOSS,
+    INT8_ONNX_FILENAME,
+    INT8_REPORT_FILENAME,
+    ModelRegistry,
+    ModelVersion,
+)
+from models.spec import ONNX_INPUT, ONNX_LOGITS
+
+from .data import load_labelled, stratified_split
+
+log = logging.getLogger(__name__)
+
+MAX_CALIBRATION_IMAGES = 200
+MAX_ACCURACY_LOSS = INT8_MAX_ACCURACY_LOSS
+CALIBRATION_BATCH = 8
+#: val_fraction of versions fitted before fit recorded it (FitOptions' default then).
+DEFAULT_VAL_FRACTION = 0.2
+
+
+class QuantizationRefused(ModelError):
+    """The INT8 variant lost more accuracy than allowed; nothing was written."""
+
+
+@dataclass(frozen=True)
+class ImageSets:
+    """Preprocessed images (N, 3, S, S) to calibrate on, and labelled ones to check on."""
+
+    calibration: np.ndarray
+    check: np.ndarray
+    check_targets: np.ndarray  # indices into the version's labels
+    check_source: str  # what the check images are, for people
+
+
+@dataclass(frozen=True)
+class QuantizeResult:
+    version: str
+    calibration_images: int
+    check_images: int
+    check_source: str
+    fp32_accuracy: float
+    int8_accuracy: float
+    top1_agreement: float
+    max_logit_diff: float
+    max_score_diff: float
+    max_accuracy_loss: float
+    seconds: float
+
+    @property
+    def accuracy_loss(self) -> float:
+        return self.fp32_accuracy - self.int8_accuracy
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "accuracy_loss": self.accuracy_loss}
+
+
+def select_images(version: ModelVersion, data: Path, *, max_calibration: int = MAX_CALIBRATION_IMAGES,
+                  seed: int = 0, progress: bool = True) -> ImageSets:
+    """The version's own training images found under ``data``, split into calibration and check
+    images (see the module docstring). Labels come from the version, matched by content hash."""
+    if max_calibration < 1:
+        raise ValueError("max_calibration must be at least 1")
+    hashes = version.training_hashes()
+    _, targets = version.training_embeddings()
+    known = {h: int(t) for h, t in zip(hashes, targets) if h}
+    if not known:
+        raise DatasetError(f"version {version.version} records no training images (a bootstrap version?), so "
+                           "there is nothing of its own to calibrate on; quantise a fitted or retrained version")
+    dataset = load_labelled(data, lambda image: preprocess_image(image, version.spec.preprocess),
+                            progress=progress, require_trainable=False)
+    own = np.array([i for i, h in enumerate(dataset.content_hashes) if h in known], dtype=np.int64)
+    if len(own) == 0:
+        raise DatasetError(f"none of the {len(dataset)} images under {data} are among the {len(known)} images "
+                           f"version {version.version} was trained on; pass the folder it was trained on")
+    inputs = np.stack(dataset.items)
+    labels = np.array([known.get(h, -1) for h in dataset.content_hashes], dtype=np.int64)
+    split = _fit_split(version, dataset)
+    calibration_idx = split[0] if split is not None else own
+    if len(calibration_idx) > max_calibration:
+        rng = np.random.default_rng(seed)
+        calibration_idx = np.sort(rng.choice(calibration_idx, max_calibration, replace=False))
+    if split is not None:
+        check_idx = split[1]
+        check_source = f"fit's held-out split ({len(check_idx)} images, seed {version.info['details']['seed']})"
+    else:
+        check_idx = calibration_idx
+        check_source = f"the calibration images themselves ({len(check_idx)} of the version's training images)"
+    return ImageSets(inputs[calibration_idx], inputs[check_idx], labels[check_idx], check_source)
+
+
+def _fit_split(version: ModelVersion, dataset: Any) -> tuple[np.ndarray, np.ndarray] | None:
+    """fit's (train, held-out) indices into ``dataset`` if ``version`` was fitted on exactly these
+    images (same dataset fingerprint) and the split reproduces (same held-out count); else None."""
+    info = version.info
+    details = info.get("details") or {}
+    if details.get("strategy") not in ("head", "finetune") or not isinstance(details.get("seed"), int):
+        return None
+    if info.get("dataset_fingerprint") != dataset.fingerprint():
+        log.info("%s is not the exact image set version %s was fitted on; checking on the calibration images",
+                 details.get("data"), version.version)
+        return None
+    fraction = details.get("val_fraction", DEFAULT_VAL_FRACTION)
+    train_idx, val_idx = stratified_split(dataset.targets, float(fraction), details["seed"])
+    if len(val_idx) != details.get("held_out_images"):
+        log.warning("could not reproduce fit's held-out split of version %s (%d images, not %s); checking on "
+                    "the calibration images", version.version, len(val_idx), details.get("held_out_images"))
+        return None
+    return train_idx, val_idx
+
+
+class _BatchReader:
+    """onnxruntime's CalibrationDataReader over an array of preprocessed images."""
+
+    def __init__(self, inputs: np.ndarray, batch_size: int = CALIBRATION_BATCH) -> None:
+        self._batches = iter([np.ascontiguousarray(inputs[i : i + batch_size], dtype=np.float32)
+                              for i in range(0, len(inputs), batch_size)])
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        batch = next(self._batches, None)
+        return None if batch is None else {ONNX_INPUT: batch}
+
+
+@contextlib.contextmanager
+def _quiet_root_logger() -> Iterator[None]:
+    """onnxruntime.quantization logs an INFO line per adjusted weight channel (hundreds) on the
+    root logger: keep them out of INFO-level output, not out of DEBUG."""
+    root = logging.getLogger()
+    saved = root.level
+    if saved == logging.INFO:
+        root.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        root.setLevel(saved)
+
+
+def quantize_onnx(source: Path, destination: Path, calibration: np.ndarray) -> None:
+    """Write ``source`` quantised statically to INT8 (QDQ format; uint8 activations, int8
+    weights per output channel; MinMax ranges over ``calibration``) to ``destination``. The node
+    that computes ``logits`` (the linear head) stays float."""
+    import onnx
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    if calibration.ndim != 4 or len(calibration) == 0:
+        raise ValueError(f"calibration needs a non-empty (N, 3, S, S) batch, got shape {calibration.shape}")
+
+    class Reader(_BatchReader, CalibrationDataReader):
+        pass
+
+    with tempfile.TemporaryDirectory(prefix="transfer-serve-quantize-") as tmp, _quiet_root_logger():
+        prepared = Path(tmp) / "prepared.onnx"
+        # ORT's recommended step before quantising: shape inference and graph clean-up
+        quant_pre_process(str(source), str(prepared))
+        head = [node.name for node in onnx.load(str(prepared)).graph.node if ONNX_LOGITS in node.output]
+        quantize_static(
+            str(prepared), str(destination), Reader(calibration),
+            quant_format=QuantFormat.QDQ, per_channel=True,
+            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=head,
+        )
+
+
+def compare(fp32_path: Path, int8_path: Path, inputs: np.ndarray, targets: np.ndarray) -> dict[str, float]:
+    """Top-1 accuracy of both graphs on labelled images, how often they agree, and the largest
+    difference of a logit and of a softmax score (what a response reports)."""
+    fp32_logits, _ = run_in_batches(cpu_session(fp32_path), inputs, batch_size=16)
+    int8_logits, _ = run_in_batches(cpu_session(int8_path), inputs, batch_size=16)
+    return {
+        "fp32_accuracy": float((fp32_logits.argmax(1) == targets).mean()),
+        "int8_accuracy": float((int8_logits.argmax(1) == targets).mean()),
+        "top1_agreement": float((fp32_logits.argmax(1) == int8_logits.argmax(1)).mean()),
+        "max_logit_diff": float(np.abs(fp32_logits - int8_logits).max()),
+        "max_score_diff": float(np.abs(softmax(fp32_logits) - softmax(int8_logits)).max()),
+    }
+
+
+def quantize_version(
+    registry: ModelRegistry, version: str, data: Path, *, max_calibration: int = MAX_CALIBRATION_IMAGES,
+    max_accuracy_loss: float = MAX_ACCURACY_LOSS, seed: int = 0, progress: bool = True,
+) -> QuantizeResult:
+    """Quantise ``version``, check the variant, and add it (with its figures) to the version."""
+    started = time.perf_counter()
+    stored = registry.get(version)
+    stored.verify()
+    if INT8_ONNX_FILENAME in stored.manifest_files():
+        raise ModelError(f"version {version} already has an INT8 variant ({INT8_ONNX_FILENAME})")
+    images = select_images(stored, data, max_calibration=max_calibration, seed=seed, progress=progress)
+    log.info("calibrating on %d of version %s's training images; checking on %s",
+             len(images.calibration), version, images.check_source)
+    with tempfile.TemporaryDirectory(prefix="transfer-serve-int8-") as tmp:
+        int8_path = Path(tmp) / INT8_ONNX_FILENAME
+        quantize_onnx(stored.onnx_path, int8_path, images.calibration)
+        check_onnx_contract(int8_path, stored.spec)
+        figures = compare(stored.onnx_path, int8_path, images.check, images.check_targets)
+        result = QuantizeResult(
+            version=version, calibration_images=len(images.calibration), check_images=len(images.check),
+            check_source=images.check_source, max_accuracy_loss=max_accuracy_loss,
+            seconds=round(time.perf_counter() - started, 1), **figures,
+        )
+        log.info("INT8 variant of %s on %s: accuracy %.4f (fp32 %.4f), top-1 agreement %.4f",
+                 version, images.check_source, result.int8_accuracy, result.fp32_accuracy, result.top1_agreement)
+        if result.accuracy_loss > max_accuracy_loss + 1e-9:
+            raise QuantizationRefused(
+                f"the INT8 variant of {version} loses {100 * result.accuracy_loss:.2f} percentage points of "
+                f"top-1 accuracy on {images.check_source} ({result.int8_accuracy:.4f} against fp32's "
+                f"{result.fp32_accuracy:.4f}; the limit is {100 * max_accuracy_loss:.2f}); nothing was written"
+            )
+        report = Path(tmp) / INT8_REPORT_FILENAME
+        report.write_text(json.dumps(result.as_dict(), indent=2))
+        registry.add_files(version, {INT8_ONNX_FILENAME: int8_path, INT8_REPORT_FILENAME: report})
+    return result
