@@ -19,7 +19,6 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -29,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from models.errors import InputError
 from models.head import HeadParams, LinearHead, fit_linear_head
+from models.extract import extract
 from models.onnx_io import cpu_session, read_head, replace_head, run_in_batches, verify_head
 from models.preprocess import preprocess
 from models.registry import (
@@ -107,28 +107,25 @@ class Progress:
 
 
 def embed_missing(parent: ModelVersion, store: LabelStore, cache: EmbeddingCache, ids: list[str],
-                  progress: Progress, threads: int) -> tuple[dict[str, np.ndarray], int]:
+                  progress: Progress, threads: int) -> tuple[dict[str, np.ndarray], int, float]:
     """Embeddings of ``ids``: from the cache, the rest computed with the parent's graph (and
-    cached). Returns them and how many were computed."""
+    cached) the way the service runs it: a single-thread session per core, each thread decoding
+    its own batch (:func:`models.extract.extract`). Returns them, how many were computed and
+    how many seconds that took."""
     fingerprint = parent.spec.backbone_fingerprint
     found = cache.get_many(ids, fingerprint)
     missing = [i for i in ids if i not in found]
     log.info("%d labelled images: %d embeddings cached, %d to compute", len(ids), len(found), len(missing))
-    if missing:
-        from models.onnx_io import cpu_session
-
-        session = cpu_session(parent.onnx_path, intra_op_threads=threads)
-        config = parent.spec.preprocess
-        with ThreadPoolExecutor(max_workers=threads) as pool:
-            for start in range(0, len(missing), EMBED_BATCH):
-                chunk = missing[start : start + EMBED_BATCH]
-                batch = np.stack(list(pool.map(lambda i: preprocess(store.read(i), config), chunk)))
-                _, embeddings = run_in_batches(session, batch, batch_size=len(chunk))
-                computed = dict(zip(chunk, embeddings))
-                cache.put_many(computed, fingerprint)
-                found.update(computed)
-                progress("embedding", 0.05 + 0.75 * (start + len(chunk)) / len(missing))
-    return found, len(missing)
+    started = time.perf_counter()
+    done = 0
+    for batch, _, embeddings in extract(parent.onnx_path, missing, store.read, parent.spec.preprocess,
+                                        workers=threads, batch_size=EMBED_BATCH):
+        computed = dict(zip(batch, embeddings))
+        cache.put_many(computed, fingerprint)
+        found.update(computed)
+        done += len(batch)
+        progress("embedding", 0.05 + 0.75 * done / len(missing))
+    return found, len(missing), time.perf_counter() - started
 
 
 def add_int8_variant(registry: ModelRegistry, parent: ModelVersion, version: ModelVersion, head: LinearHead,
@@ -177,7 +174,7 @@ def retrain(home: Path, params: RetrainParams, report: Callable[..., None], thre
     images = store.images()
     ids = [image.image_id for image in images]
     store_labels = {image.image_id: image.label for image in images}
-    vectors, computed = embed_missing(parent, store, cache, ids, progress, threads)
+    vectors, computed, embedding_seconds = embed_missing(parent, store, cache, ids, progress, threads)
 
     labels = usable_labels(parent, Counter(store_labels.values()))
     index = {label: i for i, label in enumerate(labels)}
@@ -228,6 +225,8 @@ def retrain(home: Path, params: RetrainParams, report: Callable[..., None], thre
         "from_parent": len(keep),
         "embeddings_computed": computed,
         "embeddings_cached": len(ids) - computed,
+        "embedding_seconds": round(embedding_seconds, 3),
+        "embedding_images_per_second": round(computed / embedding_seconds, 1) if computed else None,
         "labels": labels,
         "dropped_labels": len(parent.spec.labels) - len([l for l in parent.spec.labels if l in index]),
         "promoted": bool(promote),

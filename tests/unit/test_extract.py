@@ -1,0 +1,54 @@
+"""Batched extraction on worker threads, each with its own single-threaded session: the same
+results, in the same order, as running the whole batch through one session."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from models.extract import extract
+from models.onnx_io import cpu_session, run_in_batches
+from models.preprocess import preprocess
+from tests.conftest import tiny_spec, write_tiny_onnx
+
+
+def png(seed: int) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, size=(9, 7, 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="PNG")
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("workers,batch_size", [(1, 4), (2, 3), (3, 1), (4, 50)])
+def test_extract_equals_one_session_in_order(tmp_path: Path, workers: int, batch_size: int) -> None:
+    model = write_tiny_onnx(tmp_path / "tiny.onnx")
+    config = tiny_spec().preprocess
+    blobs = {f"img{i}": png(i) for i in range(23)}
+    names = list(blobs)
+    seen_names: list[str] = []
+    logits, embeddings = [], []
+    for batch, batch_logits, batch_embeddings in extract(model, names, blobs.__getitem__, config,
+                                                         workers=workers, batch_size=batch_size):
+        assert len(batch) == len(batch_logits) == len(batch_embeddings) <= batch_size
+        seen_names += batch
+        logits.append(batch_logits)
+        embeddings.append(batch_embeddings)
+    assert seen_names == names
+    inputs = np.stack([preprocess(blobs[n], config) for n in names])
+    expected_logits, expected_embeddings = run_in_batches(cpu_session(model), inputs)
+    np.testing.assert_allclose(np.concatenate(logits), expected_logits, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.concatenate(embeddings), expected_embeddings, rtol=1e-6, atol=1e-6)
+
+
+def test_nothing_to_extract_and_read_errors(tmp_path: Path) -> None:
+    model = write_tiny_onnx(tmp_path / "tiny.onnx")
+    config = tiny_spec().preprocess
+    assert list(extract(model, [], bytes, config, workers=2)) == []
+    with pytest.raises(KeyError):
+        list(extract(model, ["missing"], {}.__getitem__, config, workers=2))
+    with pytest.raises(ValueError, match="workers"):
+        list(extract(model, ["x"], bytes, config, workers=0))
