@@ -25,12 +25,12 @@ from typing import Any
 import numpy as np
 
 from models.errors import ModelError
-from models.onnx_io import softmax
+from models.onnx_io import fp16_graph, softmax
 from models.preprocess import normalise_crops
 from models.registry import INT8_ONNX_FILENAME, ModelRegistry, ModelVersion
 from models.spec import ONNX_INPUT, ONNX_LOGITS, ModelSpec
 
-from .providers import session_providers
+from .providers import CPU, session_providers
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ class LoadedModel:
     spec: ModelSpec
     session: Any  # onnxruntime.InferenceSession
     providers: tuple[str, ...]
-    variant: str = "fp32"  # which graph of the version: fp32 (model.onnx) or int8 (model.int8.onnx)
+    variant: str = "fp32"  # which graph of the version: fp32 (model.onnx), int8 (model.int8.onnx), fp16
 
 
 class ModelNotLoaded(RuntimeError):
@@ -74,8 +74,11 @@ class ModelRuntime:
         options.log_severity_level = 3
         providers = session_providers(self.settings)
         variant, path = self._variant(version)
+        if variant == "fp16" and providers[0][0] == CPU:
+            log.warning("TRANSFER_SERVE_MODEL_VARIANT=fp16 on the CPU provider: correct but slower than fp32 "
+                        "(float16 pays off on GPUs)")
         session = ort.InferenceSession(
-            str(path), options,
+            fp16_graph(path) if variant == "fp16" else str(path), options,
             providers=[name for name, _ in providers], provider_options=[opts for _, opts in providers],
         )
         size = version.spec.preprocess.input_size
@@ -86,13 +89,15 @@ class ModelRuntime:
 
     def _variant(self, version: ModelVersion) -> tuple[str, Path]:
         """The graph to serve: the INT8 one if the settings ask for it and the version's manifest
-        lists it (so it was checked with the version), else fp32."""
+        lists it (so it was checked with the version); fp16 (converted from fp32) if asked; else fp32."""
         if self.settings.model_variant == "int8":
             if INT8_ONNX_FILENAME in version.manifest_files():
                 return "int8", version.int8_onnx_path
             log.warning("TRANSFER_SERVE_MODEL_VARIANT=int8, but model version %s has no INT8 variant: serving its "
                         "fp32 model (add one with `python -m training quantize --version %s --data DIR`)",
                         version.version, version.version)
+        if self.settings.model_variant == "fp16":
+            return "fp16", version.onnx_path  # converted from the verified fp32 graph as it loads
         return "fp32", version.onnx_path
 
     def refresh(self) -> bool:

@@ -50,9 +50,10 @@ class Settings(BaseSettings):
     providers: Literal["auto", "cpu", "cuda", "tensorrt"] = Field(
         "auto", description="auto: CUDA when a usable GPU is present, else CPU"
     )
-    model_variant: Literal["fp32", "int8"] = Field(
-        "fp32", description="which graph of the active version to serve: fp32 (model.onnx) or int8 "
-        "(model.int8.onnx, added by `python -m training quantize`; fp32 with a warning where a version has none)",
+    model_variant: Literal["fp32", "int8", "fp16"] = Field(
+        "fp32", description="which graph of the active version to serve: fp32 (model.onnx), int8 "
+        "(model.int8.onnx, added by `python -m training quantize`; fp32 with a warning where a version has none), "
+        "or fp16 (converted from model.onnx at load time; for GPUs, slow on CPUs)",
     )
     cuda_device_id: int = Field(0, ge=0)
     cudnn_conv_algo_search: Literal["EXHAUSTIVE", "HEURISTIC", "DEFAULT"] = "HEURISTIC"

@@ -235,13 +235,36 @@ def test_int8_asked_for_a_version_without_one_serves_fp32_with_one_warning(
     assert "has no INT8 variant" in warning and "python -m training quantize --version v1" in warning
 
 
-def test_the_variant_setting_takes_fp32_or_int8_only(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_fp16_is_converted_at_load_named_and_close_to_fp32(
+    fitted: tuple[ModelRegistry, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    registry, _ = fitted
+    crops = np.stack([np.full((TINY_SIZE, TINY_SIZE, 3), 30, np.uint8), np.full((TINY_SIZE, TINY_SIZE, 3), 220, np.uint8)])
+    fp32 = runtime(registry, "fp32")
+    assert fp32.refresh()
+    worker = runtime(registry, "fp16")
+    with caplog.at_level("INFO"):
+        assert worker.refresh()
+    assert worker.loaded is not None and worker.loaded.variant == "fp16"
+    [warning] = runtime_warnings(caplog)  # fp16 on a CPU works, but is no faster: say so
+    assert "fp16 on the CPU provider" in warning
+    model, probabilities = worker.infer(crops)
+    _, reference = fp32.infer(crops)
+    assert model.version == "v1" and probabilities.dtype == reference.dtype
+    np.testing.assert_allclose(probabilities, reference, atol=1e-2)
+    assert probabilities.argmax(1).tolist() == reference.argmax(1).tolist()
+    assert not np.array_equal(probabilities, reference)  # really another graph
+
+
+def test_the_variant_setting_takes_fp32_int8_or_fp16_only(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     from pydantic import ValidationError
 
     from service.settings import Settings
 
     monkeypatch.setenv("TRANSFER_SERVE_MODEL_VARIANT", "int8")
     assert Settings(home=tmp_path).model_variant == "int8"
+    monkeypatch.setenv("TRANSFER_SERVE_MODEL_VARIANT", "fp16")
+    assert Settings(home=tmp_path).model_variant == "fp16"
     monkeypatch.delenv("TRANSFER_SERVE_MODEL_VARIANT")
     assert Settings(home=tmp_path).model_variant == "fp32"
     monkeypatch.setenv("TRANSFER_SERVE_MODEL_VARIANT", "int4")

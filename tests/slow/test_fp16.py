@@ -1,0 +1,37 @@
+"""The fp16 variant (for GPUs) against fp32, measured on the CPU: the same contract (float32 in,
+``logits`` and ``embedding`` float32 out) and the same top-1 on the hymenoptera photos."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from models.onnx_io import cpu_session, fp16_graph, run_in_batches
+from models.preprocess import preprocess
+from models.registry import ModelRegistry
+from models.spec import ONNX_EMBEDDING, ONNX_INPUT, ONNX_LOGITS
+
+pytestmark = pytest.mark.slow
+
+
+def test_fp16_agrees_with_fp32_on_the_hymenoptera_photos(bootstrapped_home: Path, hymenoptera: Path) -> None:
+    version = ModelRegistry(bootstrapped_home).get("v1")
+    photos = sorted(hymenoptera.rglob("*.jpg"))
+    inputs = np.stack([preprocess(p.read_bytes(), version.spec.preprocess) for p in photos])
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    half = ort.InferenceSession(fp16_graph(version.onnx_path), options, providers=["CPUExecutionProvider"])
+    assert [i.name for i in half.get_inputs()] == [ONNX_INPUT] and half.get_inputs()[0].type == "tensor(float)"
+    assert [o.name for o in half.get_outputs()] == [ONNX_LOGITS, ONNX_EMBEDDING]
+    assert {o.type for o in half.get_outputs()} == {"tensor(float)"}
+    fp32_logits, _ = run_in_batches(cpu_session(version.onnx_path), inputs)
+    fp16_logits, fp16_embeddings = run_in_batches(half, inputs)
+    agreement = float((fp32_logits.argmax(1) == fp16_logits.argmax(1)).mean())
+    print(f"\nfp16 vs fp32 on {len(inputs)} photos: top-1 agreement {agreement:.4f}, "
+          f"largest logit difference {np.abs(fp32_logits - fp16_logits).max():.4f}")
+    assert agreement >= 0.99
+    assert np.abs(fp32_logits - fp16_logits).max() < 0.5  # half precision, not another model
+    assert fp16_embeddings.dtype == np.float32
