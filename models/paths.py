@@ -21,15 +21,18 @@ def state_home(explicit: str | os.PathLike[str] | None = None) -> Path:
     return home
 
 
-def write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes, mode: int | None = None) -> None:
     """Write ``data`` so that readers see the old file or the new one, never a torn one: a
-    temporary file in the same directory, flushed to disk, then renamed over ``path``."""
+    temporary file in the same directory, flushed to disk, then renamed over ``path``
+    (with permission bits ``mode`` if given, else the temporary file's 0o600)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:12]}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        if mode is not None:
+            os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -22,7 +22,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -366,10 +365,10 @@ class ModelRegistry:
             mode = (target.path / MANIFEST_FILENAME).stat().st_mode & 0o777
             added = {}
             for name, source in files.items():
-                _install(target.path / name, Path(source).read_bytes(), mode)
+                write_atomic(target.path / name, Path(source).read_bytes(), mode)
                 added[name] = sha256_file(target.path / name)
             manifest = json.dumps({"files": {**listed, **added}}, indent=2, sort_keys=True).encode()
-            _install(target.path / MANIFEST_FILENAME, manifest, mode)
+            write_atomic(target.path / MANIFEST_FILENAME, manifest, mode)
         log.info("added %s to model version %s", ", ".join(files), version)
         return target
 
@@ -452,22 +451,6 @@ class ModelRegistry:
         if activate or self.active_version() is None:
             self.activate(version)
         return stored
-
-
-def _install(path: Path, data: bytes, mode: int) -> None:
-    """Write ``path`` atomically (a flushed temporary file renamed over it) with ``mode``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:12]}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def _fsync_tree(root: Path) -> None:
