@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -117,3 +118,54 @@ def wait_until(server: Server, path: str = "/readyz", status: int = 200, timeout
             pass
         time.sleep(0.3)
     raise TimeoutError(f"{path} did not answer {status} within {timeout}s:\n{server.log()[-3000:]}")
+
+
+@dataclass
+class Answer:
+    sent: float
+    done: float
+    status: int | None  # None: no HTTP answer at all
+    body: str
+
+
+class Load:
+    """``clients`` threads posting single photos to ``/predict`` back to back until stopped;
+    every answer is recorded with when it was sent and received (a failed connection too)."""
+
+    def __init__(self, url: str, photos: list[bytes], clients: int) -> None:
+        self.url = url
+        self.photos = photos
+        self.clients = clients
+        self.answers: list[Answer] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._client, args=(i,), daemon=True) for i in range(clients)]
+
+    def _client(self, index: int) -> None:
+        with httpx.Client(base_url=self.url, timeout=120) as http:
+            position = index
+            while not self._stop.is_set():
+                photo = self.photos[position % len(self.photos)]
+                position += self.clients
+                sent = time.monotonic()
+                try:
+                    response = http.post("/predict", files=[("images", ("photo.jpg", photo))])
+                    answer = Answer(sent, time.monotonic(), response.status_code, response.text)
+                except httpx.HTTPError as exc:
+                    answer = Answer(sent, time.monotonic(), None, f"{type(exc).__name__}: {exc}")
+                with self._lock:
+                    self.answers.append(answer)
+
+    def successes_sent_after(self, moment: float) -> int:
+        with self._lock:
+            return sum(a.status == 200 and a.sent >= moment for a in self.answers)
+
+    def __enter__(self) -> Load:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=150)

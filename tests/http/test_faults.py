@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import signal
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,7 +28,7 @@ from service.jobs import JobStore
 from tests.conftest import jpeg_files
 from tests.http.test_admin import (AUTH, CHELSEA, TOKEN, predicted_versions, upload, wait_for_job,
                                    wait_for_version)
-from tests.server import Server, serving, start_server, wait_until
+from tests.server import Load, Server, serving, start_server, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -90,33 +89,6 @@ def process_gone(process: psutil.Process) -> bool:
         return True
 
 
-class PredictionStream:
-    """Clients calling ``/predict`` in a loop until stopped; every response is recorded."""
-
-    def __init__(self, url: str, clients: int = 2) -> None:
-        self.url = url
-        self.results: list[tuple[int, str]] = []
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run) for _ in range(clients)]
-
-    def _run(self) -> None:
-        with httpx.Client(base_url=self.url, timeout=60) as http:
-            while not self._stop.is_set():
-                r = http.post("/predict", files=[("images", ("c.jpg", CHELSEA))])
-                answer = r.json()[0]["model_version"] if r.status_code == 200 else r.text
-                self.results.append((r.status_code, answer))
-
-    def __enter__(self) -> PredictionStream:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join()
-
-
 # -- kill -9 the retrain process mid-job ----------------------------------------------------------
 
 def test_a_retrain_process_killed_mid_job_fails_the_job_and_serving_never_stops(
@@ -125,7 +97,7 @@ def test_a_retrain_process_killed_mid_job_fails_the_job_and_serving_never_stops(
     with httpx.Client(base_url=first_server.url, timeout=60, headers=AUTH) as admin:
         assert upload(admin, "ants", jpeg_files(hymenoptera, "ants")[:PER_CLASS]).status_code == 200
         assert upload(admin, "bees", jpeg_files(hymenoptera, "bees")[:PER_CLASS]).status_code == 200
-        with PredictionStream(first_server.url) as stream:
+        with Load(first_server.url, [CHELSEA], clients=2) as stream:
             started = admin.post("/admin/retrain")
             assert started.status_code == 202, started.text
             job_id = started.json()["id"]
@@ -148,8 +120,10 @@ def test_a_retrain_process_killed_mid_job_fails_the_job_and_serving_never_stops(
         assert failed["state"] == "failed", failed
         assert "killed" in failed["error"] and "start a new job" in failed["error"], failed
         assert failed["version"] is None and failed["finished_at"]
-        assert len(stream.results) >= 5
-        assert [r for r in stream.results if r != (200, "v1")] == []  # zero failed predictions
+        assert len(stream.answers) >= 5
+        served = [(a.status, json.loads(a.body)[0]["model_version"] if a.status == 200 else a.body)
+                  for a in stream.answers]
+        assert [r for r in served if r != (200, "v1")] == []  # zero failed predictions
 
         listing = admin.get("/admin/models").json()
         assert listing["active"] == "v1" and [v["version"] for v in listing["versions"]] == ["v1"]

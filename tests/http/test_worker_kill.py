@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -24,7 +22,7 @@ import pytest
 
 from bench.kill_worker import TARGETS, worker_pid
 from tests.conftest import jpeg_files
-from tests.server import Server, serving, wait_until
+from tests.server import Load, Server, serving, wait_until
 
 CLIENTS = 6
 ONE_INFERENCE_WORKER = {"TRANSFER_SERVE_WORKERS": "1", "TRANSFER_SERVE_INFERENCE_WORKERS": "1",
@@ -35,55 +33,6 @@ ONE_INFERENCE_WORKER = {"TRANSFER_SERVE_WORKERS": "1", "TRANSFER_SERVE_INFERENCE
 def kill_server(bootstrapped_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     with serving(bootstrapped_home, tmp_path_factory.mktemp("kill") / "serve.log", ONE_INFERENCE_WORKER) as server:
         yield server
-
-
-@dataclass
-class Answer:
-    sent: float
-    done: float
-    status: int | None  # None: no HTTP answer at all
-    body: str
-
-
-class Load:
-    """``CLIENTS`` threads posting single photos back to back until stopped."""
-
-    def __init__(self, url: str, photos: list[bytes]) -> None:
-        self.url = url
-        self.photos = photos
-        self.answers: list[Answer] = []
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._client, args=(i,), daemon=True) for i in range(CLIENTS)]
-
-    def _client(self, index: int) -> None:
-        with httpx.Client(base_url=self.url, timeout=120) as http:
-            position = index
-            while not self._stop.is_set():
-                photo = self.photos[position % len(self.photos)]
-                position += CLIENTS
-                sent = time.monotonic()
-                try:
-                    response = http.post("/predict", files=[("images", ("photo.jpg", photo))])
-                    answer = Answer(sent, time.monotonic(), response.status_code, response.text)
-                except httpx.HTTPError as exc:
-                    answer = Answer(sent, time.monotonic(), None, f"{type(exc).__name__}: {exc}")
-                with self._lock:
-                    self.answers.append(answer)
-
-    def successes_sent_after(self, moment: float) -> int:
-        with self._lock:
-            return sum(a.status == 200 and a.sent >= moment for a in self.answers)
-
-    def __enter__(self) -> Load:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(timeout=150)
 
 
 def wait_for(condition: Callable[[], bool], what: str, timeout: float) -> None:
@@ -120,7 +69,7 @@ def test_a_killed_inference_worker_is_replaced_and_serves(
     kill_server: Server, hymenoptera: Path, record_property: pytest.RecordProperty
 ) -> None:
     photos = [p.read_bytes() for p in jpeg_files(hymenoptera, "ants")[:6] + jpeg_files(hymenoptera, "bees")[:6]]
-    with Load(kill_server.url, photos) as load:
+    with Load(kill_server.url, photos, CLIENTS) as load:
         victim, replacement, killed_at, ready_at = kill_under_load(kill_server, "inference", load)
 
     assert replacement != victim
@@ -150,7 +99,7 @@ def test_a_killed_http_worker_is_replaced_and_only_requests_in_flight_fail(
     kill_server: Server, hymenoptera: Path, record_property: pytest.RecordProperty
 ) -> None:
     photos = [p.read_bytes() for p in jpeg_files(hymenoptera, "bees")[6:12]]
-    with Load(kill_server.url, photos) as load:
+    with Load(kill_server.url, photos, CLIENTS) as load:
         _, _, killed_at, ready_at = kill_under_load(kill_server, "http", load)
 
     failed = [a for a in load.answers if a.status != 200]
