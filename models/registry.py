@@ -126,16 +126,21 @@ class ModelVersion:
     def training_embeddings(self) -> tuple[np.ndarray, np.ndarray]:
         """The training set's embeddings (N, D) float32 and targets (N,) int64, indices into
         ``spec.labels``. Loaded without pickle."""
-        embeddings = np.load(self.path / EMBEDDINGS_FILENAME, allow_pickle=False)
-        targets = np.load(self.path / TARGETS_FILENAME, allow_pickle=False)
-        return embeddings, targets
+        return self._array(EMBEDDINGS_FILENAME), self._array(TARGETS_FILENAME)
 
     def training_hashes(self) -> list[str]:
         """sha256 of the image behind each training embedding ('' where unknown)."""
-        path = self.path / HASHES_FILENAME
-        if not path.is_file():
-            return [""] * len(np.load(self.path / TARGETS_FILENAME, allow_pickle=False))
-        return [str(h) for h in np.load(path, allow_pickle=False)]
+        if not (self.path / HASHES_FILENAME).is_file():
+            return [""] * len(self._array(TARGETS_FILENAME))
+        return [str(h) for h in self._array(HASHES_FILENAME)]
+
+    def _array(self, name: str) -> np.ndarray:
+        """One of the version's ``.npy`` files, never unpickled; :class:`ModelError` if it is
+        missing or damaged (an object array, a truncated file)."""
+        try:
+            return np.load(self.path / name, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as exc:
+            raise ModelError(f"version {self.version}: {name} is unreadable ({exc})") from exc
 
     def verify(self) -> None:
         """Raise :class:`ModelError` if any file differs from the manifest or the ONNX graph does

@@ -160,7 +160,11 @@ class Admin:
 
     async def list_labels(self, request: Request) -> JSONResponse:
         counts = self.store.counts()
-        active, pending = await asyncio.to_thread(self._not_in_active)
+        try:
+            active, pending = await asyncio.to_thread(self._not_in_active)
+        except ModelError as exc:  # the counts stand; what the active model knows cannot be told
+            log.warning("GET /admin/labels: %s", exc)
+            active, pending = None, None
         return JSONResponse({"counts": counts, "total": sum(counts.values()),
                              "not_in_active_model": pending, "active_version": active})
 
@@ -179,14 +183,17 @@ class Admin:
         except (ValueError, ValidationError) as exc:
             detail = exc.errors(include_context=False, include_input=False) if isinstance(exc, ValidationError) else str(exc)
             return error(422, "invalid retrain parameters", detail=detail)
-        parent = self.registry.active()
         try:
+            parent = self.registry.active()
             await asyncio.to_thread(check_retrainable, self.store, parent)
             job = await asyncio.to_thread(self.jobs.create, params.model_dump(), parent.version if parent else None)
         except RetrainRefused as exc:
             return error(422, str(exc))
         except JobConflict as exc:
             return error(409, str(exc), job=exc.job)
+        except ModelError as exc:  # the active version is damaged: nothing to retrain from
+            return error(409, f"cannot retrain from the active model version: {exc}; activate a good "
+                              "version (GET /admin/models) and retry")
         except (StorageError, OSError, sqlite3.Error) as exc:
             failure = storage_failure(exc, "starting the retrain job")
             if failure is None:

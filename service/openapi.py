@@ -90,7 +90,8 @@ class LabelsStored(BaseModel):
 class LabelSummary(BaseModel):
     counts: dict[str, int] = Field(description="images per label")
     total: int = Field(ge=0)
-    not_in_active_model: int = Field(ge=0, description="labelled images the active version was not trained on")
+    not_in_active_model: int | None = Field(None, ge=0, description="labelled images the active version was not "
+                                           "trained on (null when the active version's files cannot be read)")
     active_version: str | None
 
 

@@ -249,6 +249,17 @@ def test_a_restart_when_no_version_verifies_is_not_ready_and_says_why(home: Path
         listing = httpx.get(server.url + "/admin/models", headers=AUTH, timeout=30)
         assert listing.status_code == 200 and listing.json()["active"] == "v1"
         assert "spec.json" in next(v for v in listing.json()["versions"] if v["version"] == "v1")["error"]
+        # nothing to retrain from: a 409 that says why, not a 500
+        retrain = httpx.post(server.url + "/admin/retrain", headers=AUTH, timeout=30)
+        assert retrain.status_code == 409, retrain.text
+        assert "cannot retrain from the active model version" in retrain.json()["error"]
+        assert "spec.json" in retrain.json()["error"]
+        # the label counts still answer when the active version's arrays cannot be read
+        hashes = version_dir(home, "v1") / "embedding_hashes.npy"
+        hashes.write_bytes(hashes.read_bytes()[:40])  # truncated
+        labels = httpx.get(server.url + "/admin/labels", headers=AUTH, timeout=30)
+        assert labels.status_code == 200, labels.text
+        assert labels.json()["not_in_active_model"] is None and labels.json()["total"] >= 0
         assert FALLBACK_LINE not in server.log()
     finally:
         server.stop()

@@ -146,7 +146,7 @@ def test_embeddings_are_never_unpickled(tmp_path: Path) -> None:
     registry = ModelRegistry(tmp_path / "home")
     version = register(registry, tmp_path)
     np.save(version.path / "embeddings.npy", np.array([{"evil": 1}], dtype=object), allow_pickle=True)
-    with pytest.raises(ValueError, match="pickle"):
+    with pytest.raises(ModelError, match="embeddings.npy is unreadable.*pickle"):
         version.training_embeddings()
 
 
