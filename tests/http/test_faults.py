@@ -81,12 +81,23 @@ def label_files(home: Path) -> dict[str, int]:
     return files
 
 
-def process_gone(process: psutil.Process) -> bool:
-    """Exited (a zombie not yet reaped by its parent counts as exited)."""
-    try:
-        return process.status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
+def process_gone(process: psutil.Process, timeout: float = 30) -> bool:
+    """Exited within ``timeout`` seconds (a zombie not yet reaped by its parent counts as exited).
+
+    A killed process is not gone at once: the kernel first tears down its memory, and while it
+    does the process still shows as running, though its command line already reads empty (which
+    is how the service may see it gone first and fail the job). On a loaded machine with a large
+    process that takes a noticeable time, so this waits rather than looking once."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if process.status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
 
 
 # -- kill -9 the retrain process mid-job ----------------------------------------------------------
