@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .errors import ModelError
-from .spec import ONNX_EMBEDDING, ONNX_INPUT, ONNX_LOGITS, ModelSpec
+from .spec import ONNX_EMBEDDING, ONNX_INPUT, ONNX_LOGITS, ModelSpec, PreprocessConfig
 
 if TYPE_CHECKING:
     import onnxruntime
@@ -80,11 +80,83 @@ def fp16_graph(path: str | os.PathLike[str]) -> bytes:
     contract are unchanged. Serialised, for ``onnxruntime.InferenceSession``. Converted from the
     verified fp32 graph each time it is loaded (a fraction of a second), so every version, retrained
     ones included, has it and it can never disagree with its fp32 graph's checksum."""
-    import onnx
-    from onnxruntime.transformers.float16 import convert_float_to_float16
+    return serving_graph(path, fp16=True)
 
-    model = convert_float_to_float16(onnx.load(os.fspath(path)), keep_io_types=True)
+
+#: The input of a graph from :func:`pixels_input_graph`: uint8 crops (batch, S, S, 3).
+PIXELS_INPUT = "pixels"
+
+
+def pixels_input_graph(model: Any, config: PreprocessConfig) -> Any:
+    """``model`` (an ``onnx.ModelProto``, changed in place and returned) taking uint8 crops
+    (batch, S, S, 3) as input ``pixels`` instead of the normalised float32 ``input``: the
+    conversion (channels first, ``(v / 255 - mean) / std`` in float32, the very operations of
+    :func:`models.preprocess.normalise_crops`) runs as the graph's first nodes, on whatever
+    device runs the graph. For GPUs: a quarter of the bytes cross to the device and the host
+    does no float32 pass over the batch."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = model.graph
+    (original,) = [i for i in graph.input if i.name == ONNX_INPUT]
+    batch_dim, _, size, _ = _dims(original)
+    normalised = "pixels_normalised"
+    for node in graph.node:
+        for index, name in enumerate(node.input):
+            if name == ONNX_INPUT:
+                node.input[index] = normalised
+    graph.input.remove(original)
+    graph.input.insert(0, helper.make_tensor_value_info(PIXELS_INPUT, TensorProto.UINT8,
+                                                        [batch_dim, size, size, 3]))
+    constants = {
+        "pixels_255": np.array(255.0, dtype=np.float32),
+        "pixels_mean": np.asarray(config.mean, dtype=np.float32).reshape(1, 3, 1, 1),
+        "pixels_std": np.asarray(config.std, dtype=np.float32).reshape(1, 3, 1, 1),
+    }
+    graph.initializer.extend(numpy_helper.from_array(value, name) for name, value in constants.items())
+    first = [
+        helper.make_node("Cast", [PIXELS_INPUT], ["pixels_float"], to=TensorProto.FLOAT),
+        helper.make_node("Transpose", ["pixels_float"], ["pixels_nchw"], perm=[0, 3, 1, 2]),
+        helper.make_node("Div", ["pixels_nchw", "pixels_255"], ["pixels_unit"]),
+        helper.make_node("Sub", ["pixels_unit", "pixels_mean"], ["pixels_centred"]),
+        helper.make_node("Div", ["pixels_centred", "pixels_std"], [normalised]),
+    ]
+    for index, node in enumerate(first):
+        graph.node.insert(index, node)
+    return model
+
+
+def serving_graph(
+    path: str | os.PathLike[str], *, fp16: bool = False, pixels: PreprocessConfig | None = None
+) -> bytes:
+    """The verified fp32 graph at ``path`` as served: with ``fp16``, weights and arithmetic in
+    float16 (inputs and outputs stay float32); with ``pixels``, taking uint8 crops
+    (:func:`pixels_input_graph`). Serialised, for ``onnxruntime.InferenceSession``."""
+    import onnx
+
+    model = onnx.load(os.fspath(path))
+    if fp16:
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+
+        model = convert_float_to_float16(model, keep_io_types=True)
+    if pixels is not None:
+        model = pixels_input_graph(model, pixels)
     return bytes(model.SerializeToString())
+
+
+def run_bound(session: onnxruntime.InferenceSession, feeds: dict[str, np.ndarray], output: str,
+              shape: tuple[int, ...]) -> np.ndarray:
+    """Run ``session`` with IO binding: the inputs are bound from host memory (copied to the
+    session's device once, by onnxruntime) and ``output`` is written by the device straight into a
+    float32 host array of ``shape`` that we own, instead of into a buffer onnxruntime allocates and
+    Python then copies. Same result as ``session.run([output], feeds)[0]``."""
+    binding = session.io_binding()
+    bound = {name: np.ascontiguousarray(value) for name, value in feeds.items()}  # alive until run ends
+    for name, value in bound.items():
+        binding.bind_cpu_input(name, value)
+    out = np.empty(shape, dtype=np.float32)
+    binding.bind_output(output, "cpu", 0, np.float32, list(shape), out.ctypes.data)
+    session.run_with_iobinding(binding)
+    return out
 
 
 def run_in_batches(

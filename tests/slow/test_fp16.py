@@ -35,3 +35,24 @@ def test_fp16_agrees_with_fp32_on_the_hymenoptera_photos(bootstrapped_home: Path
     assert agreement >= 0.99
     assert np.abs(fp32_logits - fp16_logits).max() < 0.5  # half precision, not another model
     assert fp16_embeddings.dtype == np.float32
+
+
+def test_the_gpu_input_graph_agrees_with_the_host_path_on_the_hymenoptera_photos(
+    bootstrapped_home: Path, hymenoptera: Path
+) -> None:
+    """uint8 crops in, normalised inside the graph (what GPU sessions are given): the real
+    network's logits as from the host's float32 input, so layout and channel order are right."""
+    from models.onnx_io import PIXELS_INPUT, run_bound, serving_graph
+    from models.preprocess import decode_and_crop, normalise_crops
+
+    version = ModelRegistry(bootstrapped_home).get("v1")
+    config = version.spec.preprocess
+    crops = np.stack([decode_and_crop(p.read_bytes(), config) for p in sorted(hymenoptera.rglob("*.jpg"))[:32]])
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    pixels = ort.InferenceSession(serving_graph(version.onnx_path, pixels=config), options,
+                                  providers=["CPUExecutionProvider"])
+    want = cpu_session(version.onnx_path).run([ONNX_LOGITS], {ONNX_INPUT: normalise_crops(crops, config)})[0]
+    got = run_bound(pixels, {PIXELS_INPUT: crops}, ONNX_LOGITS, want.shape)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    assert (got.argmax(1) == want.argmax(1)).all()
