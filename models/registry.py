@@ -278,6 +278,16 @@ class ModelRegistry:
             finally:
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
+    def _remove_cut_short(self) -> None:
+        """Remove the version directories whose registration was cut short (no completion
+        marker: the writer was killed). Call with the lock held: every registration runs under
+        it from start to marker, so an incomplete directory seen then is no one's work in
+        progress."""
+        for name, path in list(self._version_dirs()):
+            if not (path / COMPLETE_MARKER).is_file():
+                log.warning("removing %s: a registration that was cut short (no %s marker)", name, COMPLETE_MARKER)
+                shutil.rmtree(path, ignore_errors=True)
+
     def _write_pointer(self, version: str, fallback_from: Mapping[str, Any] | None = None) -> None:
         """Point at ``version``, remembering the version it replaces. Call with the lock held."""
         try:
@@ -417,7 +427,8 @@ class ModelRegistry:
 
         with self._locked():
             numbers = [_version_number(name) for name, _ in self._version_dirs()]
-            version = f"v{max(numbers, default=0) + 1}"
+            version = f"v{max(numbers, default=0) + 1}"  # above every number used, cut short or not
+            self._remove_cut_short()
             created_at = datetime.now(timezone.utc).isoformat()
             info = {
                 "version": version,

@@ -91,15 +91,24 @@ def test_unknown_versions_raise_not_found(tmp_path: Path, name: str) -> None:
     assert registry.active_version() == "v1"
 
 
-def test_an_incomplete_version_is_invisible_and_its_number_not_reused(tmp_path: Path) -> None:
+def test_an_incomplete_version_is_invisible_its_number_not_reused_and_removed_by_the_next_registration(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     registry = ModelRegistry(tmp_path / "home")
     register(registry, tmp_path)
     register(registry, tmp_path)
-    (registry.get("v2").path / COMPLETE_MARKER).unlink()  # as if the writer died mid-way
+    cut_short = registry.get("v2").path
+    (cut_short / COMPLETE_MARKER).unlink()  # as if the writer died mid-way
     assert [v.version for v in registry.versions()] == ["v1"]
     with pytest.raises(VersionNotFoundError):
         registry.activate("v2")
-    assert register(registry, tmp_path).version == "v3"
+    assert cut_short.is_dir()  # looking does not delete
+    with caplog.at_level("WARNING", logger="models.registry"):
+        assert register(registry, tmp_path).version == "v3"
+    assert not cut_short.exists()  # its disk space is given back
+    assert "removing v2: a registration that was cut short" in caplog.text
+    assert [v.version for v in registry.versions()] == ["v1", "v3"]
+    assert register(registry, tmp_path).version == "v4"
 
 
 @pytest.mark.parametrize("damaged", ["model.onnx", "spec.json", "embeddings.npy"])
