@@ -1,7 +1,9 @@
-"""Batched extraction of logits and embeddings from image bytes, laid out the way the service
-serves: one single-threaded onnxruntime session per worker thread, each thread decoding its own
-batch and running it. On a CPU that layout beats one session with a thread per core (decoding and
-inference overlap, and small batches lose nothing; measured in ``bench/predict_bench.py``).
+"""Batched extraction of logits and embeddings from image bytes, the way the service serves:
+images decoded on the serving fast path (``decode_and_crop(..., fast=True)``: the very crops
+``/predict`` would make of them), one single-threaded onnxruntime session per worker thread, each
+thread decoding its own batch and running it. On a CPU that layout beats one session with a
+thread per core (decoding and inference overlap, and small batches lose nothing; measured in
+``bench/predict_bench.py``).
 
 Retrain jobs embed new labelled images with it, and ``bench/retrain_bench.py`` measures them
 against it (the in-process limit).
@@ -20,7 +22,7 @@ from typing import TypeVar
 import numpy as np
 
 from .onnx_io import cpu_session, run_in_batches
-from .preprocess import preprocess
+from .preprocess import decode_and_crop, normalise_crops
 from .spec import PreprocessConfig
 
 T = TypeVar("T")
@@ -50,7 +52,7 @@ def extract(
         sessions.put(cpu_session(onnx_path, intra_op_threads=1))
 
     def run(batch: list[T]) -> tuple[list[T], np.ndarray, np.ndarray]:
-        inputs = np.stack([preprocess(read(item), config) for item in batch])
+        inputs = normalise_crops(np.stack([decode_and_crop(read(item), config, fast=True) for item in batch]), config)
         session = sessions.get()
         try:
             logits, embeddings = run_in_batches(session, inputs, batch_size=len(batch))  # type: ignore[arg-type]

@@ -9,11 +9,12 @@ decoded, EXIF orientation applied, every Pillow mode converted to RGB with its r
 the service needs no torch. Failures raise :class:`~models.errors.ImageDecodeError` or
 :class:`~models.errors.ImageTooLargeError`, which the service maps to 4xx responses.
 
-Two paths compute the same spec'd transform. The exact path (the default everywhere, ``fast=False``)
-is bit-identical with timm's eval transform: training, evaluation, retraining and the export
+Two paths compute the same spec'd transform. The exact path (the keyword's default,
+``fast=False``) is bit-identical with timm's eval transform: training, evaluation and the export
 checks use it, so what is measured is what the network was trained with. The fast path
-(``fast=True``), which the HTTP service uses, decodes large JPEGs at reduced scale (libjpeg DCT
-scaling, keeping at least :data:`FAST_DECODE_MARGIN` times the resize target on the shorter side),
+(``fast=True``), which the HTTP service and the retrain jobs' embedding of new labelled images
+use (so a retrained head is fitted and gated on the crops it will be served), decodes large
+JPEGs at reduced scale (libjpeg DCT scaling, keeping at least :data:`FAST_DECODE_MARGIN` times the resize target on the shorter side),
 lets Pillow pre-reduce other large images (:data:`FAST_REDUCING_GAP`) and resamples only the
 centre-crop window; its uint8 crops differ from the exact ones by under half a level (of 255) on
 average, a few levels at single edge pixels, and the model's top-1 does not change on the photos
