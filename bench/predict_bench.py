@@ -7,10 +7,11 @@ naive one-image-per-call service, measured one after another in the same run.
 
 Setups:
   service  ``bentoml serve service.service:TransferServe`` as shipped (plus any --service-env)
-  limit    the same bytes decoded by models.preprocess.preprocess (fast=True, as the service) in a thread pool (one thread per
-           core) feeding batches to the session of the service's own ModelRuntime (same session
-           options), in this process, no HTTP; batch sizes 1, 4, 8, 16, 32 are tried briefly and the best one is
-           measured
+  limit    the same bytes decoded by models.preprocess.decode_and_crop (fast=True, as the service)
+           in a thread pool (one thread per core) feeding batches of crops to the service's own
+           ModelRuntime.infer (same session options, provider, variant and input path), in this
+           process, no HTTP; sessions x threads layouts and batch sizes 1, 4, 8, 16, 32 are tried
+           briefly and the best one is measured
   naive    ``bentoml serve bench.naive_service:Naive``: one worker, one image per onnxruntime call
            (on the provider --service-env selects; CPU by default)
 
@@ -100,10 +101,9 @@ def patched_environ(values: Mapping[str, str]) -> Iterator[None]:
 
 
 def limit_runtimes(home: Path, service_env: Mapping[str, str], sessions: int, threads: int) -> list[Any]:
-    """``sessions`` loaded copies of the service's own ModelRuntime (same session options and
-    providers as the service would pick with ``service_env``), ``threads`` onnxruntime threads
-    each. Only their sessions are used, so the limit does not depend on what the service sends
-    between processes."""
+    """``sessions`` loaded copies of the service's own ModelRuntime (same session options,
+    providers, graph variant and input path as the service would pick with ``service_env``),
+    ``threads`` onnxruntime threads each."""
     from service.runtime import ModelRuntime
     from service.settings import Settings
 
@@ -121,16 +121,15 @@ def limit_runtimes(home: Path, service_env: Mapping[str, str], sessions: int, th
 
 def limit_run(runtimes: Sequence[Any], images: Sequence[ImageFile], *, batch_size: int, seconds: float,
               warmup: float, decode_threads: int, probes: Sequence[Any] = ()) -> dict[str, Any]:
-    """Images/s of decode threads (``models.preprocess.preprocess``, the service's fast path) feeding ``batch_size``
-    batches to the runtimes' onnxruntime sessions, one consumer thread per session (logits,
-    then softmax, as the service does; ``session.run`` releases the GIL).
+    """Images/s of decode threads (``models.preprocess.decode_and_crop``, the service's fast
+    path) feeding ``batch_size`` batches of uint8 crops to the runtimes, one consumer thread per
+    runtime calling ``ModelRuntime.infer`` as an inference worker does (normalisation, or uint8
+    input and IO binding on a GPU, then softmax; onnxruntime releases the GIL).
 
     Throughput is measured between the first and the last batch that complete inside the
     window (images of the batches after the first / time between them), so it does not depend
     on where a long batch happens to straddle the window's edges."""
-    from models.onnx_io import softmax
-    from models.preprocess import preprocess
-    from models.spec import ONNX_INPUT, ONNX_LOGITS
+    from models.preprocess import decode_and_crop
 
     config = runtimes[0].loaded.spec.preprocess
     size = config.input_size
@@ -143,7 +142,7 @@ def limit_run(runtimes: Sequence[Any], images: Sequence[ImageFile], *, batch_siz
     def decode(first: int) -> None:
         index = first
         while not stop.is_set():
-            array = preprocess(images[index % len(images)].data, config, fast=True)  # as the service
+            array = decode_and_crop(images[index % len(images)].data, config, fast=True)  # as the service
             index += decode_threads
             while not stop.is_set():
                 try:
@@ -152,14 +151,13 @@ def limit_run(runtimes: Sequence[Any], images: Sequence[ImageFile], *, batch_siz
                 except queue.Full:
                     continue
 
-    def consume(session: Any) -> None:
-        batch = np.empty((batch_size, 3, size, size), np.float32)
+    def consume(runtime: Any) -> None:
+        batch = np.empty((batch_size, size, size, 3), np.uint8)
         try:
             while not stop.is_set():
                 for row in range(batch_size):
                     batch[row] = ready.get(timeout=60)
-                (logits,) = session.run([ONNX_LOGITS], {ONNX_INPUT: batch})
-                softmax(logits)
+                runtime.infer(batch)
                 with lock:
                     completions.append(time.perf_counter())
         except queue.Empty:
@@ -170,7 +168,7 @@ def limit_run(runtimes: Sequence[Any], images: Sequence[ImageFile], *, batch_siz
 
     workers = [threading.Thread(target=decode, args=(k,), name=f"decode-{k}", daemon=True)
                for k in range(decode_threads)]
-    workers += [threading.Thread(target=consume, args=(r.loaded.session,), name=f"onnx-{k}", daemon=True)
+    workers += [threading.Thread(target=consume, args=(r,), name=f"onnx-{k}", daemon=True)
                 for k, r in enumerate(runtimes)]
     started = time.perf_counter()
     window_start, window_end = started + warmup, started + warmup + seconds
