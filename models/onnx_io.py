@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .cores import cpu_count
 from .errors import ModelError
 from .spec import ONNX_EMBEDDING, ONNX_INPUT, ONNX_LOGITS, ModelSpec, PreprocessConfig
 
@@ -68,7 +69,7 @@ def cpu_session(
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.intra_op_num_threads = intra_op_threads or os.cpu_count() or 1
+    options.intra_op_num_threads = intra_op_threads or cpu_count()
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
     return ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"])

@@ -5,7 +5,6 @@ variables, validated at start-up (a bad value stops the service with a message, 
 from __future__ import annotations
 
 import logging
-import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -13,17 +12,10 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from models.cores import cpu_count
 from models.paths import DEFAULT_HOME
 
 log = logging.getLogger(__name__)
-
-
-def cpu_count() -> int:
-    """Cores this process may use (cgroup/affinity aware where the OS tells us)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
 
 
 class Settings(BaseSettings):

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from models.cores import cpu_count
 from models.errors import DatasetError
 from models.head import fit_linear_head
 from models.onnx_io import cpu_session, run_in_batches, softmax
@@ -112,7 +113,7 @@ def fit(data: Path, registry: ModelRegistry, options: FitOptions = FitOptions())
     """Train, export, verify and register a new version from a labelled folder or manifest."""
     started = time.perf_counter()
     _seed_everything(options.seed)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.set_num_threads(cpu_count())  # torch's default counts the host's cores, not a container's quota
     backbone = create_backbone(options.backbone, checkpoint=options.checkpoint)
     config = backbone.preprocess
     dataset = load_labelled(
