@@ -75,15 +75,6 @@ def cpu_session(
     return ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"])
 
 
-def fp16_graph(path: str | os.PathLike[str]) -> bytes:
-    """The graph at ``path`` with its weights and arithmetic in float16 (for GPUs: half the
-    memory traffic, tensor cores), its inputs and outputs still float32 so callers and the ONNX
-    contract are unchanged. Serialised, for ``onnxruntime.InferenceSession``. Converted from the
-    verified fp32 graph each time it is loaded (a fraction of a second), so every version, retrained
-    ones included, has it and it can never disagree with its fp32 graph's checksum."""
-    return serving_graph(path, fp16=True)
-
-
 #: The input of a graph from :func:`pixels_input_graph`: uint8 crops (batch, S, S, 3).
 PIXELS_INPUT = "pixels"
 
@@ -129,9 +120,12 @@ def pixels_input_graph(model: Any, config: PreprocessConfig) -> Any:
 def serving_graph(
     path: str | os.PathLike[str], *, fp16: bool = False, pixels: PreprocessConfig | None = None
 ) -> bytes:
-    """The verified fp32 graph at ``path`` as served: with ``fp16``, weights and arithmetic in
-    float16 (inputs and outputs stay float32); with ``pixels``, taking uint8 crops
-    (:func:`pixels_input_graph`). Serialised, for ``onnxruntime.InferenceSession``."""
+    """The verified fp32 graph at ``path`` as served, serialised for
+    ``onnxruntime.InferenceSession``. With ``fp16``: weights and arithmetic in float16 (for GPUs:
+    half the memory traffic, tensor cores), inputs and outputs still float32; converted from the
+    verified fp32 graph each time it is loaded (a fraction of a second), so every version,
+    retrained ones included, has it and it can never disagree with its fp32 graph's checksum.
+    With ``pixels``: taking uint8 crops (:func:`pixels_input_graph`)."""
     import onnx
 
     model = onnx.load(os.fspath(path))

@@ -9,7 +9,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from models.onnx_io import cpu_session, fp16_graph, run_in_batches
+from models.onnx_io import cpu_session, run_in_batches, serving_graph
 from models.preprocess import preprocess
 from models.registry import ModelRegistry
 from models.spec import ONNX_EMBEDDING, ONNX_INPUT, ONNX_LOGITS
@@ -23,7 +23,7 @@ def test_fp16_agrees_with_fp32_on_the_hymenoptera_photos(bootstrapped_home: Path
     inputs = np.stack([preprocess(p.read_bytes(), version.spec.preprocess) for p in photos])
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    half = ort.InferenceSession(fp16_graph(version.onnx_path), options, providers=["CPUExecutionProvider"])
+    half = ort.InferenceSession(serving_graph(version.onnx_path, fp16=True), options, providers=["CPUExecutionProvider"])
     assert [i.name for i in half.get_inputs()] == [ONNX_INPUT] and half.get_inputs()[0].type == "tensor(float)"
     assert [o.name for o in half.get_outputs()] == [ONNX_LOGITS, ONNX_EMBEDDING]
     assert {o.type for o in half.get_outputs()} == {"tensor(float)"}
