@@ -169,3 +169,14 @@ class Load:
         self._stop.set()
         for thread in self._threads:
             thread.join(timeout=150)
+
+
+def wait_for_job(http: httpx.Client, job_id: str, timeout: float = 90) -> dict:
+    """The retrain job ``job_id`` once it has ended (any state but queued/running)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = http.get(f"/admin/jobs/{job_id}").json()
+        if job["state"] not in ("queued", "running"):
+            return job
+        time.sleep(0.2)
+    raise TimeoutError(f"job {job_id} still {job['state']} after {timeout}s")

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from tests.conftest import ROOT, jpeg_files
-from tests.server import Server, serving, start_server, wait_until
+from tests.server import Server, serving, start_server, wait_for_job, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -42,16 +42,6 @@ def admin(admin_server: Server) -> Iterator[httpx.Client]:
 def upload(http: httpx.Client, label: str, photos: list[Path]) -> httpx.Response:
     return http.post("/admin/labels", data={"label": label},
                      files=[("images", (p.name, p.read_bytes())) for p in photos])
-
-
-def wait_for_job(http: httpx.Client, job_id: str, timeout: float = 90) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = http.get(f"/admin/jobs/{job_id}").json()
-        if job["state"] not in ("queued", "running"):
-            return job
-        time.sleep(0.2)
-    raise TimeoutError(f"job {job_id} still {job['state']} after {timeout}s")
 
 
 def predicted_versions(http: httpx.Client, n: int = 10) -> list[tuple[str, str]]:

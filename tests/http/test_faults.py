@@ -26,9 +26,8 @@ import pytest
 
 from service.jobs import JobStore
 from tests.conftest import jpeg_files
-from tests.http.test_admin import (AUTH, CHELSEA, TOKEN, predicted_versions, upload, wait_for_job,
-                                   wait_for_version)
-from tests.server import Load, Server, serving, start_server, wait_until
+from tests.http.test_admin import AUTH, CHELSEA, TOKEN, predicted_versions, upload, wait_for_version
+from tests.server import Load, Server, serving, start_server, wait_for_job, wait_until
 
 pytestmark = pytest.mark.slow
 

@@ -44,7 +44,7 @@ from service import db
 from service.labels import LabelStore
 from service.retrain import failure_reason
 from tests.conftest import ROOT, jpeg_files
-from tests.server import Server, free_port, serving, start_command, wait_until
+from tests.server import Server, free_port, serving, start_command, wait_for_job, wait_until
 
 TOKEN = "test-admin-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -122,14 +122,13 @@ def predicts(http: httpx.Client) -> str:
     return response.json()[0]["model_version"]
 
 
-def wait_for_job(http: httpx.Client, job_id: str, timeout: float = 120) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = http.get(f"/admin/jobs/{job_id}").json()
-        if job["state"] not in ("queued", "running"):
-            return job
-        time.sleep(0.3)
-    raise TimeoutError(f"job {job_id} still {job['state']} after {timeout}s")
+def failed_retrain(http: httpx.Client) -> dict:
+    """Start a retrain (accepted), wait for it, and return it: it must have failed."""
+    started = http.post("/admin/retrain")
+    assert started.status_code == 202, started.text
+    job = wait_for_job(http, started.json()["id"], timeout=120)
+    assert job["state"] == "failed", job
+    return job
 
 
 def assert_507(response: httpx.Response, *phrases: str) -> str:
@@ -398,10 +397,7 @@ def test_retrain_that_cannot_write_its_model_fails_and_registers_nothing(
             httpx.Client(base_url=server.url, timeout=60, headers=AUTH) as http:
         assert upload(http, "ants", *photos(hymenoptera, "ants", 40, 3)).status_code == 200
         assert upload(http, "bees", *photos(hymenoptera, "bees", 40, 3)).status_code == 200
-        started = http.post("/admin/retrain")
-        assert started.status_code == 202, started.text
-        job = wait_for_job(http, started.json()["id"])
-        assert job["state"] == "failed", job
+        job = failed_retrain(http)
         assert job["error"].startswith("writing the new model version failed: the state directory "
                                        "cannot take a file this large"), job["error"]
         assert "no model version was registered" in job["error"] and "ulimit" in job["error"]
@@ -491,10 +487,7 @@ def test_full_then_read_only_volume(bootstrapped_home: Path, tmp_path: Path, hym
             # the state directory) but not for its registered copy: the copy into the model
             # store fails half-way, and no version, complete or not, may be left
             job_filler = fill(volume, "filler-job", leave=26 << 20)
-            started = http.post("/admin/retrain")
-            assert started.status_code == 202, started.text
-            job = wait_for_job(http, started.json()["id"])
-            assert job["state"] == "failed", job
+            job = failed_retrain(http)
             assert job["error"].startswith("writing the new model version failed: the state directory is "
                                            "out of space"), job["error"]
             assert "no model version was registered" in job["error"] and job["version"] is None

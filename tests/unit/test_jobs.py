@@ -12,12 +12,18 @@ from pathlib import Path
 from service.jobs import JobStore, exit_reason, pid_alive, scratch_prefix
 
 
-def test_a_job_whose_process_is_gone_is_failed_when_looked_at(tmp_path: Path) -> None:
-    jobs = JobStore(tmp_path)
+def running_job_whose_process_exited(jobs: JobStore) -> dict:
+    """A job recorded as running with the pid of a real process that has exited (and been reaped)."""
     job = jobs.create({}, "v1")
     process = subprocess.Popen([sys.executable, "-c", "pass"])
     process.wait()
     jobs.update(job["id"], state="running", pid=process.pid)
+    return job
+
+
+def test_a_job_whose_process_is_gone_is_failed_when_looked_at(tmp_path: Path) -> None:
+    jobs = JobStore(tmp_path)
+    job = running_job_whose_process_exited(jobs)
     failed = jobs.get(job["id"])
     assert failed is not None and failed["state"] == "failed" and "start a new job" in failed["error"]
     assert failed["finished_at"]
@@ -46,10 +52,7 @@ def test_exit_reasons_name_the_signal() -> None:
 
 def test_a_dead_jobs_scratch_directory_is_removed_and_no_other(tmp_path: Path) -> None:
     jobs = JobStore(tmp_path)
-    job = jobs.create({}, "v1")
-    process = subprocess.Popen([sys.executable, "-c", "pass"])
-    process.wait()
-    jobs.update(job["id"], state="running", pid=process.pid)
+    job = running_job_whose_process_exited(jobs)
     scratch = tmp_path / f"{scratch_prefix(job['id'])}abc123"
     (scratch / "nested").mkdir(parents=True)
     (scratch / "nested" / "model.onnx").write_bytes(b"half a model")
