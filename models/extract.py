@@ -22,7 +22,7 @@ from typing import TypeVar
 import numpy as np
 
 from .onnx_io import cpu_session, run_in_batches
-from .preprocess import decode_and_crop, normalise_crops
+from .preprocess import preprocess
 from .spec import PreprocessConfig
 
 T = TypeVar("T")
@@ -52,7 +52,7 @@ def extract(
         sessions.put(cpu_session(onnx_path, intra_op_threads=1))
 
     def run(batch: list[T]) -> tuple[list[T], np.ndarray, np.ndarray]:
-        inputs = normalise_crops(np.stack([decode_and_crop(read(item), config, fast=True) for item in batch]), config)
+        inputs = np.stack([preprocess(read(item), config, fast=True) for item in batch])
         session = sessions.get()
         try:
             logits, embeddings = run_in_batches(session, inputs, batch_size=len(batch))  # type: ignore[arg-type]

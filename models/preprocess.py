@@ -14,9 +14,9 @@ Two paths compute the same spec'd transform. The exact path (the keyword's defau
 checks use it, so what is measured is what the network was trained with. The fast path
 (``fast=True``), which the HTTP service and the retrain jobs' embedding of new labelled images
 use (so a retrained head is fitted and gated on the crops it will be served), decodes large
-JPEGs at reduced scale (libjpeg DCT scaling, keeping at least :data:`FAST_DECODE_MARGIN` times the resize target on the shorter side),
-lets Pillow pre-reduce other large images (:data:`FAST_REDUCING_GAP`) and resamples only the
-centre-crop window; its uint8 crops differ from the exact ones by under half a level (of 255) on
+JPEGs at reduced scale (libjpeg DCT scaling, keeping at least :data:`FAST_DECODE_MARGIN` times
+the resize target on the shorter side), lets Pillow pre-reduce other large images
+(:data:`FAST_REDUCING_GAP`) and resamples only the centre-crop window; its uint8 crops differ from the exact ones by under half a level (of 255) on
 average, a few levels at single edge pixels, and the model's top-1 does not change on the photos
 measured (``tests/unit/test_preprocess.py`` and ``bench/preprocess_bench.py``). The choice is the
 caller's keyword, not a spec field: the spec (one per model version) stays the one source of what
