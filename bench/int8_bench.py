@@ -206,7 +206,7 @@ def service(home: Path, version: str, args: argparse.Namespace, stack: contextli
                                               warmup=args.warmup, probes=[machine, server_cpu, client_cpu],
                                               progress=progress, label=label))
             tally = tallies[variant]
-            tally["ok"] += result.ok
+            tally["ok"] += result.images
             tally["errors"] += result.errors
             tally["seconds"] += result.seconds
             tally["latencies_ms"] += result.latencies_ms

@@ -3,7 +3,8 @@ naive one-image-per-call service, measured one after another in the same run.
 
     .venv/bin/python bench/predict_bench.py --concurrency 32 --duration 20 --warmup 3 --rounds 2 \
         [--home DIR] [--images ../shared/data/hymenoptera/train] [--json OUT.json] [--plot OUT.png] \
-        [--setups service,limit,naive] [--service-env TRANSFER_SERVE_WORKERS=2 ...] [--log-dir DIR]
+        [--setups service,limit,naive,floor] [--images-per-request 1] \
+        [--service-env TRANSFER_SERVE_WORKERS=2 ...] [--log-dir DIR]
 
 Setups:
   service  ``bentoml serve service.service:TransferServe`` as shipped (plus any --service-env)
@@ -14,11 +15,15 @@ Setups:
            briefly and the best one is measured
   naive    ``bentoml serve bench.naive_service:Naive``: one worker, one image per onnxruntime call
            (on the provider --service-env selects; CPU by default)
+  floor    ``bentoml serve bench.floor_service:Floor``: the same HTTP contract answered without
+           decoding or inference: what receiving, parsing and answering a request costs. With the
+           limit it gives the ceiling: the most any service with this contract could reach here
 
 All setups are made ready first, then measured in turn ``--rounds`` times for
 ``--duration / --rounds`` seconds each (after ``--warmup`` uncounted seconds), and pooled, so a
 change in the machine's other load hits them alike. The HTTP setups get ``--concurrency``
-clients sending single-image POST /predict requests back to back.
+clients sending POST /predict requests back to back, single-image unless --images-per-request
+says more (each image's multipart body encoded once, beforehand).
 
 Without --home a temporary state directory is bootstrapped with the pretrained ImageNet classifier
 (``python -m training bootstrap``) and removed at the end. Every server is stopped at the end, on
@@ -70,7 +75,7 @@ from bench.common import (  # noqa: E402
     state_home,
 )
 
-SETUPS = ("service", "limit", "naive")
+SETUPS = ("service", "limit", "naive", "floor")
 BATCH_SIZES = (1, 4, 8, 16, 32)
 #: The issue's targets, stated at concurrency 32: service throughput >= factor x the other setup.
 TARGETS = {"limit": 0.8, "naive": 2.0}
@@ -327,11 +332,11 @@ def measure_http_round(tally: Tally, server: Server, images: Sequence[ImageFile]
     machine = SystemCPU()
     result: LoadResult = asyncio.run(predict_load(
         server.url, images, concurrency=args.concurrency, duration=seconds, warmup=args.warmup,
-        probes=[machine, server_cpu, client_cpu, metrics, log_watch], progress=progress, label=label))
-    tally.images += result.ok
+        images_per_request=args.images_per_request, probes=[machine, server_cpu, client_cpu, metrics, log_watch], progress=progress, label=label))
+    tally.images += result.images
     tally.seconds += result.seconds
     tally.probed_seconds += result.seconds
-    tally.probed_images += result.ok
+    tally.probed_images += result.images
     tally.latencies_ms += result.latencies_ms
     tally.errors += result.errors
     tally.error_samples += result.error_samples[: max(0, 5 - len(tally.error_samples))]
@@ -374,12 +379,36 @@ def ratios(results: Mapping[str, dict[str, Any]], concurrency: int) -> dict[str,
     return out
 
 
+def ceiling(results: Mapping[str, dict[str, Any]], cores: int) -> dict[str, Any] | None:
+    """The most any service with this HTTP contract could do here: the limit's CPU per image
+    (decoding and inference), plus the floor's (receiving the request, parsing the upload,
+    answering), plus the lightest load generator's measured in this run (it runs on the same
+    cores), with every core busy all the time. An upper bound: it charges nothing for handing
+    images from the HTTP side to a batch, nor for the batching itself."""
+    if "limit" not in results or "floor" not in results:
+        return None
+    clients = [r["cpu"]["load_generator_ms_per_image"] for r in results.values()
+               if r["cpu"]["load_generator_ms_per_image"] is not None]
+    work = results["limit"]["cpu"]["server_ms_per_image"]
+    request = results["floor"]["cpu"]["server_ms_per_image"]
+    client = min(clients)
+    throughput = 1000 * cores / (work + request + client)
+    figure = {"throughput": throughput, "work_ms_per_image": work, "request_ms_per_image": request,
+              "load_generator_ms_per_image": client, "cores": cores,
+              "of_limit": throughput / results["limit"]["throughput"]}
+    if "naive" in results and results["naive"]["throughput"]:
+        figure["of_naive"] = throughput / results["naive"]["throughput"]
+    return figure
+
+
 def print_report(results: Mapping[str, dict[str, Any]], failures: Mapping[str, str], summary: Mapping[str, Any],
                  args: argparse.Namespace) -> None:
     print()
     rounds = f" in {args.rounds} rounds ({args.warmup:g}s warm-up each)" if args.rounds > 1 else \
         f" after {args.warmup:g}s warm-up"
-    print(f"prediction benchmark: concurrency {args.concurrency}, {args.duration:g}s measured per setup{rounds}, "
+    per_request = "single-image requests" if args.images_per_request == 1 else \
+        f"{args.images_per_request} images per request"
+    print(f"prediction benchmark: concurrency {args.concurrency}, {per_request}, {args.duration:g}s measured per setup{rounds}, "
           f"{summary['cores']} cores, {summary['images']}")
     header = (f"{'setup':<14}{'img/s':>8}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'errors':>8}"
               f"{'CPU ms/img':>12}{'cores busy':>12}{'other load':>12}")
@@ -413,7 +442,7 @@ def print_report(results: Mapping[str, dict[str, Any]], failures: Mapping[str, s
         if busy:
             print(f"note: other work used more than {OTHER_LOAD_WARNING:g} cores during the sweep at {', '.join(busy)}; "
                   "the batch size chosen may not be the best")
-    for name in ("service", "naive"):
+    for name in ("service", "naive", "floor"):
         if name not in results:
             continue
         r = results[name]
@@ -441,6 +470,14 @@ def print_report(results: Mapping[str, dict[str, Any]], failures: Mapping[str, s
         ratio, target = figure["ratio"], figure["target"]
         verdict = "not measured" if ratio is None else ("met" if figure["met"] else "not met")
         print(f"  {key:<15}{_fmt(ratio, '.2f'):>6}   target >= {target:g}   {verdict}")
+    top = summary.get("ceiling")
+    if top is not None:
+        reach = f"{top['of_limit']:.2f} x limit" + (f", {top['of_naive']:.2f} x naive" if "of_naive" in top else "")
+        print(f"\nceiling for any service with this contract: {top['throughput']:.1f} img/s = {reach}\n"
+              f"  ({top['cores']} cores / (limit's decoding + inference {top['work_ms_per_image']:.1f} + floor's request "
+              f"handling {top['request_ms_per_image']:.1f} + load generator {top['load_generator_ms_per_image']:.1f} "
+              "CPU ms/img); nothing charged for batching\n"
+              "  or for handing images to it: a ratio target above this cannot be met with these requests here")
     if args.concurrency != TARGET_CONCURRENCY:
         print(f"  (the targets are stated at concurrency {TARGET_CONCURRENCY}; this run used {args.concurrency})")
 
@@ -483,6 +520,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--concurrency", type=int, default=32, help="concurrent HTTP clients (default 32)")
     parser.add_argument("--duration", type=float, default=20, help="measured seconds per setup (default 20)")
+    parser.add_argument("--images-per-request", type=int, default=1,
+                        help="images in each HTTP request (default 1: the targets are stated for single-image "
+                        "requests; more shows what the per-request cost is)")
     parser.add_argument("--warmup", type=float, default=3, help="uncounted seconds before each measurement (default 3)")
     parser.add_argument("--rounds", type=int, default=2,
                         help="measure the setups in turn this many times, --duration/rounds seconds each, "
@@ -490,7 +530,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sweep-seconds", type=float, default=5,
                         help="seconds per batch size in the limit's sweep (default 5)")
     add_service_arguments(parser)
-    parser.add_argument("--setups", default=",".join(SETUPS), help="comma-separated subset of service,limit,naive")
+    parser.add_argument("--setups", default=",".join(SETUPS), help="comma-separated subset of " + ",".join(SETUPS))
     parser.add_argument("--json", type=Path, help="write every figure to this JSON file")
     parser.add_argument("--plot", type=Path, help="write a PNG chart (throughput, latency percentiles)")
     args = parser.parse_args(argv)
@@ -499,6 +539,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if unknown or not args.setups:
         parser.error(f"--setups takes a subset of {','.join(SETUPS)}; got {sorted(unknown) or 'nothing'}")
     check_service_arguments(parser, args)
+    if args.images_per_request < 1:
+        parser.error("--images-per-request must be at least 1")
     if args.concurrency < 1 or args.duration <= 0 or args.warmup < 0 or args.sweep_seconds <= 0 or args.rounds < 1:
         parser.error("--concurrency >= 1, --duration > 0, --warmup >= 0, --sweep-seconds > 0 and --rounds >= 1 "
                      "are required")
@@ -522,7 +564,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # the naive baseline runs on the same device as the service, nothing else is shared
         provider_env = {k: v for k, v in args.service_env.items() if k.startswith(PROVIDER_SETTINGS)}
         targets = {"service": ("service.service:TransferServe", args.service_env),
-                   "naive": ("bench.naive_service:Naive", provider_env)}
+                   "naive": ("bench.naive_service:Naive", provider_env),
+                   "floor": ("bench.floor_service:Floor", {})}
 
         # Every setup is made ready first (servers started, limit's batch size chosen), then the
         # measurements alternate between them round after round, so that a change in what else
@@ -574,19 +617,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     summary = {
         "cores": cpu_count(), "images": describe_images(images),
         "ratios": ratios(results, args.concurrency),
+        "ceiling": ceiling(results, cpu_count()),
     }
     print_report(results, failures, summary, args)
     if args.json:
         import onnxruntime
 
         document = {
-            "config": {"concurrency": args.concurrency, "duration_s": args.duration, "warmup_s": args.warmup,
+            "config": {"concurrency": args.concurrency, "images_per_request": args.images_per_request, "duration_s": args.duration, "warmup_s": args.warmup,
                        "rounds": args.rounds,
                        "sweep_seconds": args.sweep_seconds, "setups": args.setups,
                        "service_env": args.service_env, "images": str(args.images), "cores": cpu_count(),
                        "python": platform.python_version(), "onnxruntime": onnxruntime.__version__,
                        "host": platform.node()},
-            "results": results, "failures": failures, "ratios": summary["ratios"],
+            "results": results, "failures": failures, "ratios": summary["ratios"], "ceiling": summary["ceiling"],
             "wall_s": progress.elapsed,
         }
         args.json.write_text(json.dumps(document, indent=2))
