@@ -33,7 +33,8 @@ class Settings(BaseSettings):
         "with a thread per core, whose threads spin), 1 with CUDA",
     )
     intra_op_threads: int = Field(0, ge=0, le=256, description="onnxruntime threads per inference worker; 0 = cores / inference_workers")
-    max_batch_size: int = Field(32, ge=1, le=1024, description="largest batch the adaptive batcher forms")
+    max_batch_size: int = Field(32, ge=2, le=1024, description="largest batch the adaptive batcher forms (at least 2: "
+                                "BentoML refuses a batchable API of 1)")
     max_latency_ms: int = Field(
         10_000, ge=10, le=60_000,
         description="BentoML's max_latency_ms: a deadline, not a batching window (BentoML adapts "

@@ -43,7 +43,7 @@ def test_more_threads_than_cores_is_refused() -> None:
 
 
 @pytest.mark.parametrize("field,value", [("providers", "gpu"), ("max_files", 0), ("max_files", 1001),
-                                         ("admin_token", "short")])
+                                         ("admin_token", "short"), ("max_batch_size", 1)])
 def test_bad_values_fail_fast(field: str, value: object) -> None:
     with pytest.raises(ValidationError):
         settings(**{field: value})
