@@ -50,8 +50,9 @@ settings = get_settings()
     # one access-log line per internal /infer call cost ~5% of the throughput (measured); the
     # HTTP service logs every client request already
     logging={"access": {"enabled": False}},
-    # nor an OpenTelemetry span per internal call: with it, 17 % of an inference worker's busy
-    # samples were outside onnxruntime, without it 9 % (py-spy, under load); /predict is traced
+    # nor an OpenTelemetry span per internal call: with it, 20 % of an inference worker's busy
+    # samples (waits in epoll left out) were outside onnxruntime, without it 12 % (py-spy, under
+    # load); /predict is traced
     tracing={"excluded_urls": ["/infer"]},
 )
 class Inference:
