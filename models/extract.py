@@ -1,7 +1,8 @@
 """Batched extraction of logits and embeddings from image bytes, the way the service serves:
 images decoded on the serving fast path (``decode_and_crop(..., fast=True)``: the very crops
 ``/predict`` would make of them), one single-threaded onnxruntime session per worker thread, each
-thread decoding its own batch and running it. On a CPU that layout beats one session with a
+thread decoding its own batch and running it, ``CPU_RUN_SLICE`` images per onnxruntime call as
+the service's inference workers run theirs. On a CPU that layout beats one session with a
 thread per core (decoding and inference overlap, and small batches lose nothing; measured in
 ``bench/predict_bench.py``).
 
@@ -21,7 +22,7 @@ from typing import TypeVar
 
 import numpy as np
 
-from .onnx_io import cpu_session, run_in_batches
+from .onnx_io import CPU_RUN_SLICE, cpu_session, run_in_batches
 from .preprocess import preprocess
 from .spec import PreprocessConfig
 
@@ -55,7 +56,7 @@ def extract(
         inputs = np.stack([preprocess(read(item), config, fast=True) for item in batch])
         session = sessions.get()
         try:
-            logits, embeddings = run_in_batches(session, inputs, batch_size=len(batch))  # type: ignore[arg-type]
+            logits, embeddings = run_in_batches(session, inputs, batch_size=CPU_RUN_SLICE)  # type: ignore[arg-type]
         finally:
             sessions.put(session)
         return batch, logits, embeddings

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from models.errors import ModelError
-from models.onnx_io import PIXELS_INPUT, run_bound, serving_graph, softmax
+from models.onnx_io import CPU_RUN_SLICE, PIXELS_INPUT, run_bound, serving_graph, softmax
 from models.preprocess import normalise_crops
 from models.registry import INT8_ONNX_FILENAME, ModelRegistry, ModelVersion
 from models.spec import ONNX_INPUT, ONNX_LOGITS, ModelSpec
@@ -225,6 +225,9 @@ class ModelRuntime:
             raise ValueError(f"batch shape {crops.shape} does not fit {model.version} ({size}, {size}, 3)")
         if model.pixels_input:
             logits = run_bound(model.session, {PIXELS_INPUT: crops}, ONNX_LOGITS, (len(crops), model.spec.num_classes))
-        else:
-            (logits,) = model.session.run([ONNX_LOGITS], {ONNX_INPUT: normalise_crops(crops, model.spec.preprocess)})
+        else:  # the CPU provider: the batch in cache-sized slices, each normalised just before its run
+            logits = np.concatenate([
+                model.session.run([ONNX_LOGITS], {ONNX_INPUT: normalise_crops(crops[start:start + CPU_RUN_SLICE],
+                                                                              model.spec.preprocess)})[0]
+                for start in range(0, len(crops), CPU_RUN_SLICE)])
         return model, softmax(logits)

@@ -113,3 +113,30 @@ def test_the_runtime_on_the_gpu_path_answers_as_on_the_cpu_path(
     assert model.version == "v1"
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(got.sum(axis=1), 1.0, rtol=1e-6)
+
+
+def test_the_cpu_path_runs_a_batch_in_cache_sized_slices(tmp_path: Path) -> None:
+    """On the CPU provider a batch of 5 runs as calls of CPU_RUN_SLICE (2, 2, 1) images, and the
+    answer is the one a call per crop gives, in order."""
+    import dataclasses
+
+    from models.onnx_io import CPU_RUN_SLICE
+
+    plain = runtime(registry_with(tmp_path, 1))
+    assert plain.refresh() and plain.loaded is not None
+    sizes: list[int] = []
+
+    class Counting:
+        def __init__(self, inner: ort.InferenceSession) -> None:
+            self.inner = inner
+
+        def run(self, outputs: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+            sizes.append(len(feeds[ONNX_INPUT]))
+            return self.inner.run(outputs, feeds)
+
+    plain._loaded = dataclasses.replace(plain.loaded, session=Counting(plain.loaded.session))
+    batch = crops(5, seed=7)
+    _, got = plain.infer(batch)
+    assert CPU_RUN_SLICE == 2 and sizes == [2, 2, 1]
+    one_by_one = np.concatenate([plain.infer(batch[i:i + 1])[1] for i in range(len(batch))])
+    np.testing.assert_allclose(got, one_by_one, rtol=1e-6, atol=1e-7)
