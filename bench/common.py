@@ -400,7 +400,7 @@ async def predict_load(
 
     The first ``warmup`` seconds are not counted; then requests that complete within the next
     ``duration`` seconds are. A request is an error unless it answers 200 with one well-formed
-    prediction. After the window no new request is sent; those in flight are awaited (not
+    prediction per image sent. After the window no new request is sent; those in flight are awaited (not
     counted), so servers see no aborted connections. ``probes`` are started and stopped at the
     window's edges (in a thread, off the event loop)."""
     import httpx

@@ -482,7 +482,8 @@ def print_report(results: Mapping[str, dict[str, Any]], failures: Mapping[str, s
         print(f"  (the targets are stated at concurrency {TARGET_CONCURRENCY}; this run used {args.concurrency})")
 
 
-def write_plot(path: Path, results: Mapping[str, dict[str, Any]], args: argparse.Namespace) -> None:
+def write_plot(path: Path, results: Mapping[str, dict[str, Any]], args: argparse.Namespace,
+               top: Mapping[str, Any] | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -492,8 +493,12 @@ def write_plot(path: Path, results: Mapping[str, dict[str, Any]], args: argparse
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     labels = [f"limit (b={results[n]['batch_size']})" if n == "limit" else n for n in names]
     values = [results[n]["throughput"] for n in names]
-    bars = left.bar(labels, values, color=["#4477aa", "#228833", "#cc6677"][: len(names)])
+    bars = left.bar(labels, values, color=["#4477aa", "#228833", "#cc6677", "#aaaa00"][: len(names)])
     left.bar_label(bars, fmt="%.1f")
+    if top is not None:
+        left.axhline(top["throughput"], color="black", linestyle="--", linewidth=1,
+                     label=f"ceiling for any service: {top['throughput']:.1f}")
+        left.legend(loc="upper left")
     left.set_ylabel("images / s")
     left.set_title(f"throughput (concurrency {args.concurrency})")
     with_latency = [n for n in names if results[n]["latency_ms"]["p50"] is not None]
@@ -636,7 +641,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.json.write_text(json.dumps(document, indent=2))
         progress(f"wrote {args.json}")
     if args.plot and results:
-        write_plot(args.plot, results, args)
+        write_plot(args.plot, results, args, summary["ceiling"])
         progress(f"wrote {args.plot}")
     progress("finished")
     return 1 if failures else 0
