@@ -55,12 +55,13 @@ ENV PATH=/opt/venv/bin:$PATH \
     TRANSFER_SERVE_HOME=/data
 WORKDIR /app
 COPY models/ models/
+COPY store/ store/
 COPY service/ service/
 COPY training/ training/
 COPY scripts/entrypoint.sh scripts/
 # bytecode compiled now, since the app user cannot write it next to the (root-owned) sources;
 # /data created before VOLUME so that a new named volume starts owned by the app user
-RUN python -m compileall -q models service training \
+RUN python -m compileall -q models store service training \
     && mkdir /data && chown 10001:10001 /data
 USER 10001:10001
 VOLUME /data
@@ -102,10 +103,11 @@ ENV PATH=/opt/venv/bin:$PATH \
     TRANSFER_SERVE_PROVIDERS=cpu
 WORKDIR /app
 COPY models/ models/
+COPY store/ store/
 COPY service/ service/
 COPY training/ training/
 COPY scripts/entrypoint.sh scripts/
-RUN python -m compileall -q models service training \
+RUN python -m compileall -q models store service training \
     && mkdir /data && chown 10001:10001 /data
 USER 10001:10001
 VOLUME /data

@@ -61,12 +61,14 @@ def device_input(forced: bool | None) -> Iterator[None]:
 
 
 def load_runtime(home: Path, providers: str, variant: str, forced: bool | None) -> Any:
+    from models.hardware import cpu_count
     from service.runtime import ModelRuntime
-    from service.settings import Settings, cpu_count
+    from service.settings import Settings
+    from store.state import open_state
 
     settings = Settings(home=home, providers=providers, model_variant=variant, inference_workers=1,
                         intra_op_threads=cpu_count(), max_batch_size=max(BATCH_SIZES))
-    runtime = ModelRuntime(settings)
+    runtime = ModelRuntime(settings, open_state(settings).registry)
     with device_input(forced):
         if not runtime.refresh():
             raise RuntimeError(f"no model version could be loaded from {home}")
@@ -109,7 +111,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     import onnxruntime as ort
 
     from models.preprocess import decode_and_crop
-    from service.providers import CPU, CUDA, TENSORRT, cuda_device_count
+    from models.hardware import cuda_device_count
+    from service.providers import CPU, CUDA, TENSORRT
 
     wanted = {"cuda": CUDA, "tensorrt": TENSORRT, "cpu": CPU}[args.providers]
     report: dict[str, Any] = {

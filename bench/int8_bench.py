@@ -77,8 +77,8 @@ def run_cli(args: Sequence[str], home: Path) -> dict[str, Any]:
 
 def prepare(args: argparse.Namespace, stack: contextlib.ExitStack, progress: Progress) -> tuple[Path, str, dict]:
     """(home, version, what quantize reported), fitting and quantising as needed."""
-    from models.registry import INT8_ONNX_FILENAME, ModelRegistry
-    from training.quantize import INT8_REPORT_FILENAME
+    from store.registry import INT8_REPORT_FILENAME
+    from store.state import open_state
 
     if args.home is None:
         home = Path(tempfile.mkdtemp(prefix="transfer-serve-int8-bench-"))
@@ -89,11 +89,11 @@ def prepare(args: argparse.Namespace, stack: contextlib.ExitStack, progress: Pro
         progress(f"fitted {version} in {fitted['seconds']}s (held-out accuracy {fitted['metrics']['accuracy']:.4f})")
     else:
         home = args.home.resolve()
-        version = args.version or ModelRegistry(home).active_version()
+        version = args.version or open_state(home=home).registry.active_version()
         if version is None:
             raise RuntimeError(f"{home} has no active version; pass --version")
-    stored = ModelRegistry(home).get(version)
-    if INT8_ONNX_FILENAME not in stored.manifest_files():
+    stored = open_state(home=home).registry.get(version)
+    if not stored.has_int8():
         progress(f"quantising {version} (python -m training quantize) ...")
         started = time.perf_counter()
         run_cli(["quantize", "--version", version, "--data", str(args.data)], home)
@@ -103,12 +103,13 @@ def prepare(args: argparse.Namespace, stack: contextlib.ExitStack, progress: Pro
 
 
 def held_out_accuracy(home: Path, version: str, data: Path) -> dict[str, Any]:
-    from models.registry import ModelRegistry
-    from training.quantize import compare, select_images
+    from models.int8 import check_int8
+    from store.state import open_state
+    from training.quantize import select_images
 
-    stored = ModelRegistry(home).get(version)
+    stored = open_state(home=home).registry.get(version)
     images = select_images(stored, data, progress=False)
-    figures = compare(stored.onnx_path, stored.int8_onnx_path, images.check, images.check_targets)
+    figures = check_int8(stored.onnx_path, stored.int8_onnx_path, images.check, images.check_targets).as_dict()
     figures.update(images=len(images.check), source=images.check_source,
                    loss_pp=100 * (figures["fp32_accuracy"] - figures["int8_accuracy"]))
     return figures
@@ -118,13 +119,14 @@ def in_process(home: Path, version: str, data: Path, args: argparse.Namespace,
                progress: Progress) -> dict[str, dict[str, Any]]:
     """Images/s of each variant's session (the service's own ModelRuntime, one thread), on the same
     preprocessed batch, measured in turn --rounds times."""
-    from models.registry import ModelRegistry
     from models.spec import ONNX_INPUT, ONNX_LOGITS
     from service.runtime import ModelRuntime
     from service.settings import Settings
+    from store.state import open_state
     from training.quantize import select_images
 
-    stored = ModelRegistry(home).get(version)
+    registry = open_state(home=home).registry
+    stored = registry.get(version)
     images = select_images(stored, data, progress=False)
     batch = np.ascontiguousarray(images.check[: args.batch_size], dtype=np.float32)
     if len(batch) < args.batch_size:
@@ -132,7 +134,7 @@ def in_process(home: Path, version: str, data: Path, args: argparse.Namespace,
     sessions = {}
     for variant in VARIANTS:
         runtime = ModelRuntime(Settings(home=home, providers="cpu", inference_workers=1, intra_op_threads=1,
-                                        model_variant=variant))
+                                        model_variant=variant), registry)
         runtime.refresh()
         if runtime.loaded is None or runtime.loaded.variant != variant or runtime.loaded.version != version:
             raise RuntimeError(f"could not load {version} ({variant}) from {home}")
@@ -305,7 +307,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     install_sigterm_handler()
     progress = Progress()
-    from service.settings import cpu_count
+    from models.hardware import cpu_count
 
     with contextlib.ExitStack() as stack:
         home, version, quantize_report = prepare(args, stack, progress)

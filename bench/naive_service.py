@@ -32,12 +32,13 @@ class Naive:
     def __init__(self) -> None:
         import onnxruntime as ort
 
-        from models.registry import ModelRegistry
+        from models.hardware import cpu_count
         from service.providers import session_providers
-        from service.settings import cpu_count, get_settings
+        from service.settings import get_settings
+        from store.state import open_state
 
         settings = get_settings()
-        active = ModelRegistry(settings.home).active()
+        active = open_state(settings).registry.active()
         if active is None:
             raise RuntimeError("no active model version: run `python -m training bootstrap`")
         self.version = active.version

@@ -111,12 +111,14 @@ def limit_runtimes(home: Path, service_env: Mapping[str, str], sessions: int, th
     ``threads`` onnxruntime threads each."""
     from service.runtime import ModelRuntime
     from service.settings import Settings
+    from store.state import open_state
 
     with patched_environ(service_env):
         settings = Settings(home=home, inference_workers=sessions, intra_op_threads=threads)
+    registry = open_state(settings).registry
     runtimes = []
     for _ in range(sessions):
-        runtime = ModelRuntime(settings)
+        runtime = ModelRuntime(settings, registry)
         runtime.refresh()
         if runtime.loaded is None:
             raise RuntimeError(f"could not load the active model version from {home} (see the log above)")
@@ -219,7 +221,7 @@ def prepare_limit(home: Path, images: Sequence[ImageFile], args: argparse.Namesp
                   progress: Progress) -> Limit:
     """Sweep both ways to use every core (one session with a thread per core, or a
     single-thread session per core) and the batch sizes; keep the fastest."""
-    from service.settings import cpu_count
+    from models.hardware import cpu_count
 
     cores = cpu_count()
     decode_threads = cores
@@ -555,7 +557,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     progress, images = begin(args.images)
-    from service.settings import cpu_count
+    from models.hardware import cpu_count
 
     failures: dict[str, str] = {}
     tallies: dict[str, Tally] = {}

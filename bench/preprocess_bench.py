@@ -177,9 +177,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     session = None
     if args.home is not None:
         from models.onnx_io import cpu_session
-        from models.registry import ModelRegistry
+        from store.state import open_state
 
-        registry = ModelRegistry(args.home)
+        registry = open_state(home=args.home).registry
         active = registry.active_version()
         if active is None:
             parser.error(f"no active model version in {args.home}")

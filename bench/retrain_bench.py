@@ -134,10 +134,10 @@ def embedding_limit(home: Path, version: str, images: list[ImageFile]) -> dict[s
     graph in this process, one worker per core (what a retrain job does, minus its process
     start, database, cache and lower priority): the yardstick for the jobs' embedding speed."""
     from models.extract import extract
-    from models.registry import ModelRegistry
-    from service.settings import cpu_count
+    from store.state import open_state
+    from models.hardware import cpu_count
 
-    model = ModelRegistry(home).get(version)
+    model = open_state(home=home).registry.get(version)
     data = [image.data for image in images]
     list(extract(model.onnx_path, data[:32], bytes, model.spec.preprocess, workers=cpu_count()))  # warm-up
     started = time.perf_counter()

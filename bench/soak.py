@@ -416,7 +416,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "memory": memory_report(samples, marks["ready"], marks["start"], marks["end"]),
         "server_log": {"warnings_and_errors": log_watch.count, "samples": log_watch.samples},
     }
-    from service.settings import cpu_count
+    from models.hardware import cpu_count
 
     result["config"]["cores"] = cpu_count()
     print_report(result)

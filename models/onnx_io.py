@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .cores import cpu_count
+from .hardware import cpu_count
 from .errors import ModelError
 from .spec import ONNX_EMBEDDING, ONNX_INPUT, ONNX_LOGITS, ModelSpec, PreprocessConfig
 

@@ -27,7 +27,7 @@ case "$TRANSFER_SERVE_HOME" in
   \~ | \~/*) TRANSFER_SERVE_HOME="$HOME${TRANSFER_SERVE_HOME#\~}" ;;  # a literal ~ (not expanded)
   *) TRANSFER_SERVE_HOME="$PWD/$TRANSFER_SERVE_HOME" ;;  # relative to where it was started
 esac
-# the source tree (models/, service/, training/) is the script's parent directory: the service
+# the source tree (models/, store/, service/, training/) is the script's parent directory: the service
 # and the training CLI are imported from there, as `bentoml serve` does with a project directory
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export BENTOML_DO_NOT_TRACK="${BENTOML_DO_NOT_TRACK:-True}"

@@ -10,9 +10,7 @@ import contextlib
 import hmac
 import json
 import logging
-import sqlite3
 from collections.abc import Awaitable, Callable
-from functools import cached_property
 from typing import Any
 
 from pydantic import ValidationError
@@ -25,14 +23,15 @@ from starlette.routing import Match, Route
 
 from models.errors import InputError, ModelError, VersionNotFoundError
 from models.preprocess import decode_image
-from models.registry import ModelRegistry
+from models.retrain import RetrainParams, RetrainRefused
+from store.errors import BACKEND_ERRORS, StorageError, storage_failure
+from store.jobs import JobConflict
+from store.labels import validate_label
+from store.state import State, open_state
 
-from .db import StorageError, storage_failure
-from .jobs import JobConflict, JobStore, launch
-from .labels import LabelStore, validate_label
+from .jobs import launch, retrainable_parent
 from .limits import send_json
 from .predict import display_name
-from .retrain import RetrainParams, RetrainRefused, check_retrainable
 from .settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -88,20 +87,9 @@ def storage_error(exc: StorageError, outcome: str) -> JSONResponse:
 class Admin:
     """Route handlers; stores are opened per process on first use."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, state: State) -> None:
         self.settings = settings
-
-    @cached_property
-    def registry(self) -> ModelRegistry:
-        return ModelRegistry(self.settings.home)
-
-    @cached_property
-    def store(self) -> LabelStore:
-        return LabelStore(self.settings.home)
-
-    @cached_property
-    def jobs(self) -> JobStore:
-        return JobStore(self.settings.home)
+        self.state = state
 
     # -- labels -------------------------------------------------------------------------------
 
@@ -138,11 +126,11 @@ class Admin:
         finally:
             await form.close()
         try:  # all or none: a write the state directory cannot take leaves nothing behind
-            results = await asyncio.to_thread(self.store.add_many, [data for _, data in blobs], label,
+            results = await asyncio.to_thread(self.state.labels.add_many, [data for _, data in blobs], label,
                                               max_pixels=self.settings.max_pixels)
         except StorageError as exc:  # disk full, read-only volume: the operator must act
             return storage_error(exc, f"none of the {len(blobs)} image(s) of this request was stored")
-        counts = await asyncio.to_thread(self.store.counts)
+        counts = await asyncio.to_thread(self.state.labels.counts)
         stored = []
         for (name, _), result in zip(blobs, results):
             entry = {"image_id": result.image_id, "label": result.label, "status": result.status, "filename": name}
@@ -153,13 +141,13 @@ class Admin:
         return JSONResponse({"stored": stored, "counts": counts})
 
     def _not_in_active(self) -> tuple[str | None, int]:
-        active = self.registry.active()
+        active = self.state.registry.active()
         known = set(active.training_hashes()) if active else set()
-        ids = [image.image_id for image in self.store.images()]
+        ids = [image.image_id for image in self.state.labels.images()]
         return (active.version if active else None), sum(1 for i in ids if i not in known)
 
     async def list_labels(self, request: Request) -> JSONResponse:
-        counts = self.store.counts()
+        counts = self.state.labels.counts()
         try:
             active, pending = await asyncio.to_thread(self._not_in_active)
         except ModelError as exc:  # the counts stand; what the active model knows cannot be told
@@ -170,9 +158,9 @@ class Admin:
 
     async def delete_label(self, request: Request) -> JSONResponse:
         image_id = request.path_params["image_id"]
-        if not await asyncio.to_thread(self.store.delete, image_id):
+        if not await asyncio.to_thread(self.state.labels.delete, image_id):
             return error(404, f"no labelled image '{display_name(image_id)}'")
-        return JSONResponse({"deleted": image_id, "counts": self.store.counts()})
+        return JSONResponse({"deleted": image_id, "counts": self.state.labels.counts()})
 
     # -- retrain jobs -------------------------------------------------------------------------
 
@@ -184,65 +172,58 @@ class Admin:
             detail = exc.errors(include_context=False, include_input=False) if isinstance(exc, ValidationError) else str(exc)
             return error(422, "invalid retrain parameters", detail=detail)
         try:
-            parent = self.registry.active()
-            await asyncio.to_thread(check_retrainable, self.store, parent)
-            job = await asyncio.to_thread(self.jobs.create, params.model_dump(), parent.version if parent else None)
+            parent = await asyncio.to_thread(retrainable_parent, self.state.registry, self.state.labels)
+            job = await asyncio.to_thread(self.state.jobs.create, params.model_dump(), parent.version)
         except RetrainRefused as exc:
             return error(422, str(exc))
         except JobConflict as exc:
-            return error(409, str(exc), job=exc.job)
+            return error(409, str(exc), job=exc.job.model_dump())
         except ModelError as exc:  # the active version is damaged: nothing to retrain from
             return error(409, f"cannot retrain from the active model version: {exc}; activate a good "
                               "version (GET /admin/models) and retry")
-        except (StorageError, OSError, sqlite3.Error) as exc:
+        except (StorageError, *BACKEND_ERRORS) as exc:  # a write the state cannot take is the operator's: 507
             failure = storage_failure(exc, "starting the retrain job")
             if failure is None:
                 raise
             return storage_error(failure, "no job was started")
         try:
-            pid = launch(self.settings.home, job["id"])
+            pid = launch(self.state.jobs, self.settings.home, job.id)
         except OSError as exc:  # the job's log file cannot be created (or no process can start)
             failure = storage_failure(exc, "starting the retrain job")
             reason = str(failure or f"the retrain process could not be started: {exc}")
-            with contextlib.suppress(OSError, sqlite3.Error):
-                await asyncio.to_thread(self.jobs.update, job["id"], state="failed", error=reason)
+            with contextlib.suppress(*BACKEND_ERRORS):
+                await asyncio.to_thread(self.state.jobs.fail, job.id, reason)
             if failure is None:
                 raise
-            return storage_error(failure, f"job {job['id']} did not start (it is marked failed)")
+            return storage_error(failure, f"job {job.id} did not start (it is marked failed)")
         try:
-            await asyncio.to_thread(self.jobs.update, job["id"], pid=pid)
-        except (OSError, sqlite3.Error) as exc:
+            await asyncio.to_thread(self.state.jobs.set_pid, job.id, pid)
+        except BACKEND_ERRORS as exc:
             failure = storage_failure(exc, "recording the retrain job's process")
             if failure is None:
                 raise
             # the job cannot record its progress either: it fails, and is marked failed once gone
-            return storage_error(failure, f"job {job['id']} cannot run and will be marked failed")
-        log.info("retrain job %s started (pid %d)", job["id"], pid)
-        return JSONResponse(self._job_view(self.jobs.get(job["id"]) or job), status_code=202)
-
-    @staticmethod
-    def _job_view(job: dict[str, Any]) -> dict[str, Any]:
-        keys = ("id", "state", "phase", "progress", "metrics", "version", "parent", "error",
-                "params", "created_at", "updated_at", "finished_at")
-        return {key: job.get(key) for key in keys}
+            return storage_error(failure, f"job {job.id} cannot run and will be marked failed")
+        log.info("retrain job %s started (pid %d)", job.id, pid)
+        return JSONResponse((self.state.jobs.get(job.id) or job).model_dump(), status_code=202)
 
     async def get_job(self, request: Request) -> JSONResponse:
-        job = await asyncio.to_thread(self.jobs.get, request.path_params["job_id"])
+        job = await asyncio.to_thread(self.state.jobs.get, request.path_params["job_id"])
         if job is None:
             return error(404, f"no retrain job '{display_name(request.path_params['job_id'])}'")
-        return JSONResponse(self._job_view(job))
+        return JSONResponse(job.model_dump())
 
     # -- model versions -----------------------------------------------------------------------
 
     async def list_models(self, request: Request) -> JSONResponse:
         try:
-            pointer = self.registry.active_pointer()
+            pointer = self.state.registry.active_pointer()
         except ModelError as exc:
             log.error("%s", exc)
             pointer = None
-        active = pointer["version"] if pointer else None
+        active = pointer.version if pointer else None
         versions = []
-        for version in self.registry.versions():
+        for version in self.state.registry.versions():
             try:
                 summary = version.summary()
             except ModelError as exc:  # a damaged version is listed, with what is wrong with it
@@ -251,14 +232,14 @@ class Admin:
             versions.append({key: summary[key] for key in ("version", "created_at", "labels", "metrics", "parent")}
                             | {"active": version.version == active, "strategy": summary["strategy"]})
         body: dict[str, Any] = {"active": active, "versions": versions}
-        if pointer and pointer.get("fallback_from"):  # why the active version is not the one activated
-            body["fallback_from"] = pointer["fallback_from"]
+        if pointer and pointer.fallback_from:  # why the active version is not the one activated
+            body["fallback_from"] = dict(pointer.fallback_from)
         return JSONResponse(body)
 
     async def activate(self, request: Request) -> JSONResponse:
         version = request.path_params["version"]
         try:
-            await asyncio.to_thread(self.registry.activate, version)
+            await asyncio.to_thread(self.state.registry.activate, version)
         except VersionNotFoundError as exc:
             return error(404, str(exc))
         except ModelError as exc:
@@ -292,7 +273,7 @@ async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
 
 async def _storage_or_internal_error(request: Request, exc: Exception) -> JSONResponse:
     """Any admin route: a write (or open) the state directory cannot take is a 507 for the
-    operator, with what to do; any other OS or database error is an internal error."""
+    operator, with what to do; any other failure of the state is an internal error."""
     failure = storage_failure(exc, f"{request.method} {request.url.path}")
     if failure is None:
         return await _internal_error(request, exc)
@@ -300,9 +281,9 @@ async def _storage_or_internal_error(request: Request, exc: Exception) -> JSONRe
     return error(507, f"{failure}. The request did not complete: fix the state directory, then send it again.")
 
 
-def create_admin_app(settings: Settings | None = None) -> Any:
+def create_admin_app(settings: Settings | None = None, state: State | None = None) -> Any:
     settings = settings or get_settings()
-    admin = Admin(settings)
+    admin = Admin(settings, state or open_state(settings))
     app = Starlette(routes=[
         Route("/labels", admin.add_labels, methods=["POST"]),
         Route("/labels", admin.list_labels, methods=["GET"]),
@@ -311,9 +292,8 @@ def create_admin_app(settings: Settings | None = None) -> Any:
         Route("/jobs/{job_id}", admin.get_job, methods=["GET"]),
         Route("/models", admin.list_models, methods=["GET"]),
         Route("/models/{version}/activate", admin.activate, methods=["POST"]),
-    ], exception_handlers={HTTPException: _http_error,
-                           StorageError: _storage_or_internal_error, OSError: _storage_or_internal_error,
-                           sqlite3.Error: _storage_or_internal_error, Exception: _internal_error})
+    ], exception_handlers={HTTPException: _http_error, StorageError: _storage_or_internal_error,
+                           **dict.fromkeys(BACKEND_ERRORS, _storage_or_internal_error), Exception: _internal_error})
     return AdminAuth(app, admin_token(settings))
 
 

@@ -24,7 +24,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import models_json_schema
 
-from .retrain import RetrainParams
+from models.retrain import RetrainParams
+
 from .settings import Settings
 
 Scope = dict[str, Any]

@@ -8,10 +8,10 @@ to defaults.
 
 from __future__ import annotations
 
-import ctypes
 import logging
-from functools import lru_cache
 from typing import Any
+
+from models.hardware import cuda_device_count
 
 from .settings import Settings
 
@@ -26,22 +26,6 @@ ProviderList = list[tuple[str, dict[str, Any]]]
 
 class ProviderError(RuntimeError):
     """The configured provider cannot run on this host."""
-
-
-@lru_cache(maxsize=1)
-def cuda_device_count() -> int:
-    """GPUs the CUDA driver reports; 0 without a driver or device (no exception, no log spam)."""
-    try:
-        libcuda = ctypes.CDLL("libcuda.so.1")
-    except OSError:
-        return 0
-    count = ctypes.c_int(0)
-    try:
-        if libcuda.cuInit(0) != 0 or libcuda.cuDeviceGetCount(ctypes.byref(count)) != 0:
-            return 0
-    except AttributeError:
-        return 0
-    return count.value
 
 
 def cuda_options(settings: Settings) -> dict[str, Any]:

@@ -8,7 +8,7 @@ version that produced it and no request ever waits for a model load.
 
 A version that fails verification (a file differs from its checksum manifest, the graph does not
 match the spec) is never served: the registry falls back to the last good version
-(:meth:`models.registry.ModelRegistry.fall_back`), whichever worker gets there first logs one
+(:meth:`store.registry.ModelRegistry.fall_back`), whichever worker gets there first logs one
 ERROR line that names the bad version, what is wrong with it and the version served instead, and
 every worker loads that one. If no version verifies, nothing is served (not ready).
 """
@@ -27,8 +27,8 @@ import numpy as np
 from models.errors import ModelError
 from models.onnx_io import CPU_RUN_SLICE, PIXELS_INPUT, run_bound, serving_graph, softmax
 from models.preprocess import normalise_crops
-from models.registry import INT8_ONNX_FILENAME, ModelRegistry, ModelVersion
 from models.spec import ONNX_INPUT, ONNX_LOGITS, ModelSpec
+from store.registry import ModelRegistry, ModelVersion
 
 from .providers import CPU, session_providers
 from .settings import Settings
@@ -61,9 +61,9 @@ class ModelNotLoaded(RuntimeError):
 
 
 class ModelRuntime:
-    def __init__(self, settings: Settings, *, poll_seconds: float = 0.5) -> None:
+    def __init__(self, settings: Settings, registry: ModelRegistry, *, poll_seconds: float = 0.5) -> None:
         self.settings = settings
-        self.registry = ModelRegistry(settings.home)
+        self.registry = registry
         self.poll_seconds = poll_seconds
         self._loaded: LoadedModel | None = None
         # the pointer (version, activated_at) that last failed: not retried until it changes
@@ -111,7 +111,7 @@ class ModelRuntime:
         """The graph to serve: the INT8 one if the settings ask for it and the version's manifest
         lists it (so it was checked with the version); fp16 (converted from fp32) if asked; else fp32."""
         if self.settings.model_variant == "int8":
-            if INT8_ONNX_FILENAME in version.manifest_files():
+            if version.has_int8():
                 return "int8", version.int8_onnx_path
             log.warning("TRANSFER_SERVE_MODEL_VARIANT=int8, but model version %s has no INT8 variant: serving its "
                         "fp32 model (add one with `python -m training quantize --version %s --data DIR`)",
@@ -135,8 +135,8 @@ class ModelRuntime:
                 continue
             if pointer is None:
                 return False
-            active = pointer["version"]
-            key = (active, str(pointer.get("activated_at")))
+            active = pointer.version
+            key = (active, str(pointer.activated_at))
             current = self._loaded
             if (current is not None and current.version == active) or key == self._failed_pointer:
                 return False

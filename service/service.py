@@ -22,8 +22,8 @@ from pydantic import Field
 
 from models.errors import InputError, ModelError
 from models.preprocess import decode_and_crop
-from models.registry import ModelRegistry
 from models.spec import ModelSpec
+from store.state import open_state
 
 from .admin import admin_gate, create_admin_app
 from .limits import RequestGuard
@@ -37,6 +37,7 @@ log = logging.getLogger("transfer_serve")
 for _name in ("transfer_serve", "service", "models"):
     logging.getLogger(_name).setLevel(logging.INFO)
 settings = get_settings()
+state = open_state(settings)  # each store opens on first use, in the process that uses it
 
 
 @bentoml.service(
@@ -61,7 +62,7 @@ class Inference:
     def __init__(self) -> None:
         from .runtime import ModelRuntime
 
-        self.runtime = ModelRuntime(settings)
+        self.runtime = ModelRuntime(settings, state.registry)
         self.runtime.start()
 
     def __is_ready__(self) -> bool:
@@ -78,15 +79,15 @@ class Inference:
 
 
 @lru_cache(maxsize=64)
-def _spec_of(home: str, version: str) -> ModelSpec:
-    return ModelRegistry(home).get(version).spec  # versions are immutable: cache forever
+def _spec_of(version: str) -> ModelSpec:
+    return state.registry.get(version).spec  # versions are immutable: cache forever
 
 
 def _readable_spec(version: str) -> ModelSpec:
     """The spec of ``version``; a 503 (not a 500) if it cannot be read: a corrupted active
     version is replaced by the last good one as soon as the inference workers notice."""
     try:
-        return _spec_of(str(settings.home), version)
+        return _spec_of(version)
     except ModelError as exc:
         log.warning("model version %s cannot be used: %s", version, exc)
         raise RequestError(503, f"model version {version} is damaged (the server log says how); the "
@@ -104,13 +105,11 @@ class TransferServe:
     inference = bentoml.depends(Inference)
 
     def __init__(self) -> None:
-        from .jobs import JobStore
-
-        self.registry = ModelRegistry(settings.home)
+        self.registry = state.registry
         if settings.admin_token is None:
             log.warning("TRANSFER_SERVE_ADMIN_TOKEN is not set: every /admin route answers 403")
         try:
-            failed = JobStore(settings.home).fail_orphans()  # jobs cut short by a stop or crash
+            failed = state.jobs.fail_orphans()  # jobs cut short by a stop or crash
         except Exception as exc:  # noqa: BLE001 - predictions need none of this: serve anyway
             log.error("could not check the job history in %s (%s); predictions are served, admin "
                       "routes will say what is wrong with the state directory", settings.home, exc)
@@ -187,6 +186,6 @@ class TransferServe:
 
 TransferServe.add_asgi_middleware(RequestGuard, max_bytes=settings.max_request_bytes, max_files=settings.max_files,
                                   before_body=admin_gate(settings))
-TransferServe.mount_asgi_app(create_admin_app(settings), path="/admin", name="admin")
+TransferServe.mount_asgi_app(create_admin_app(settings, state), path="/admin", name="admin")
 TransferServe.add_asgi_middleware(OpenAPIDocument, service=TransferServe, settings=settings)  # full /docs.json
 TransferServe.add_asgi_middleware(JSONRoutingErrors)  # 404/405 as {"error": ...}, not plain text

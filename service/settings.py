@@ -6,25 +6,21 @@ from __future__ import annotations
 
 import logging
 from functools import lru_cache
-from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from models.cores import cpu_count
-from models.paths import DEFAULT_HOME
+from models.hardware import cpu_count, cuda_device_count
+from store.settings import StoreSettings
 
 log = logging.getLogger(__name__)
 
 
-class Settings(BaseSettings):
-    """Every knob of the service. Environment variable = ``TRANSFER_SERVE_`` + field name in
-    capitals (``home`` is ``TRANSFER_SERVE_HOME``)."""
+class Settings(StoreSettings):
+    """Every knob of the service, the stores' own (:class:`store.settings.StoreSettings`)
+    included. Environment variable = ``TRANSFER_SERVE_`` + field name in capitals
+    (``max_files`` is ``TRANSFER_SERVE_MAX_FILES``)."""
 
-    model_config = SettingsConfigDict(env_prefix="TRANSFER_SERVE_", extra="ignore")
-
-    home: Path = Field(DEFAULT_HOME, description="state directory: model versions, labels, database")
     workers: int = Field(0, ge=0, le=64, description="HTTP worker processes (decode + preprocess); 0 = derived from the cores")
     inference_workers: int = Field(
         0, ge=0, le=64,
@@ -59,11 +55,6 @@ class Settings(BaseSettings):
     default_top_k: int = Field(5, ge=1)
     admin_token: SecretStr | None = Field(None, description="bearer token for /admin/*; unset = admin routes refuse every call")
 
-    @field_validator("home")
-    @classmethod
-    def _expand(cls, v: Path) -> Path:
-        return v.expanduser().resolve()
-
     @field_validator("admin_token")
     @classmethod
     def _token_strength(cls, v: SecretStr | None) -> SecretStr | None:
@@ -79,8 +70,6 @@ class Settings(BaseSettings):
         if self.workers == 0:
             self.workers = 1 if cores <= 2 else min(cores // 2, 8)
         if self.inference_workers == 0:
-            from .providers import cuda_device_count  # imports this module: import here
-
             gpu = self.providers in ("cuda", "tensorrt") or (self.providers == "auto" and cuda_device_count() > 0)
             self.inference_workers = 1 if gpu else cores  # one GPU context, or a process per core
         if self.intra_op_threads == 0:

@@ -91,11 +91,11 @@ def state_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path
 @pytest.fixture(scope="session")
 def bootstrapped_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A state directory holding the bootstrap model (built once per session: ~15 s)."""
-    from models.registry import ModelRegistry
+    from store.state import open_state
     from training.pipeline import bootstrap
 
     home = tmp_path_factory.mktemp("bootstrapped")
-    bootstrap(ModelRegistry(home))
+    bootstrap(open_state(home=home).registry)
     return home
 
 

@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from models.errors import InputError, TransferServeError, VersionNotFoundError
-from models.paths import state_home
 from models.preprocess import DEFAULT_MAX_PIXELS
-from models.registry import INT8_ONNX_FILENAME, ModelRegistry
+from store.settings import StoreSettings
+from store.state import open_state
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -79,7 +79,8 @@ def _describe_metrics(metrics: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    registry = ModelRegistry(state_home(args.home))
+    state = open_state(StoreSettings(home=args.home) if args.home else StoreSettings())
+    registry = state.registry
     quiet = getattr(args, "json", False)
     if args.command == "bootstrap":
         from .pipeline import bootstrap
@@ -89,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
         if args.json:
             _emit({"version": version.version if version else None, "active": active, "created": version is not None})
         elif version is None:
-            print(f"store at {registry.home} already has versions; active: {active}")
+            print(f"the store already has versions; active: {active}")
         else:
             print(f"registered {version.version} (pretrained ImageNet classifier); active: {active}")
     elif args.command == "fit":
@@ -115,11 +116,9 @@ def run(args: argparse.Namespace) -> int:
         metrics = evaluate(registry.get(args.version), args.data, report_dir=args.report_dir, progress=not quiet)
         _emit(metrics) if args.json else print(_describe_metrics(metrics))
     elif args.command == "import":
-        from service.labels import LabelStore
-
         from .importer import import_folder
 
-        summary = import_folder(args.data, LabelStore(registry.home), max_pixels=args.max_pixels, progress=not quiet)
+        summary = import_folder(args.data, state.labels, max_pixels=args.max_pixels, progress=not quiet)
         _emit(summary.to_dict()) if args.json else print(summary.describe())
     elif args.command == "quantize":
         from .quantize import MAX_CALIBRATION_IMAGES, quantize_version
@@ -138,14 +137,13 @@ def run(args: argparse.Namespace) -> int:
             print("serve it with TRANSFER_SERVE_MODEL_VARIANT=int8")
     elif args.command == "models":
         active = registry.active_version()
-        rows = [{**v.summary(), "active": v.version == active, "int8": INT8_ONNX_FILENAME in v.manifest_files()}
-                for v in registry.versions()]
+        rows = [{**v.summary(), "active": v.version == active, "int8": v.has_int8()} for v in registry.versions()]
         if args.json:
             for row in rows:
                 row["num_labels"] = len(row["labels"])
             _emit({"active": active, "versions": rows})
         elif not rows:
-            print(f"no versions in {registry.home}; run: python -m training bootstrap")
+            print("no model versions yet; run: python -m training bootstrap")
         else:
             for row in rows:
                 acc = row["metrics"].get("accuracy")

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from models.errors import InputError
-from service.labels import LabelStore
+from store.labels import LabelStore
 
 from .data import scan_source
 

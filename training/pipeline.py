@@ -19,13 +19,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from models.cores import cpu_count
+from models.hardware import cpu_count
 from models.errors import DatasetError
 from models.head import fit_linear_head
 from models.onnx_io import cpu_session, run_in_batches, softmax
 from models.preprocess import decode_image, load_image_bytes, preprocess_image
-from models.registry import ModelRegistry, ModelVersion
 from models.spec import ModelSpec, PreprocessConfig
+from store.registry import ModelRegistry, ModelVersion
 
 from .backbones import DEFAULT_BACKBONE, Backbone, create_backbone, imagenet_labels
 from .data import LabelledImages, load_labelled, stratified_split
@@ -212,7 +212,7 @@ def _export_and_register(
 def bootstrap(registry: ModelRegistry, *, force: bool = False) -> ModelVersion | None:
     """Register the pretrained ImageNet classifier (1000 labels) as the first version, unless the
     store already has one. Returns the new version, or None if nothing was needed."""
-    if not registry.is_empty() and not force:
+    if registry.versions() and not force:
         return None
     backbone = create_backbone(DEFAULT_BACKBONE)
     config = backbone.preprocess

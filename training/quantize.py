@@ -13,7 +13,8 @@ The variant keeps the graph's input and outputs (``logits``, ``embedding``); the
 float (a 1280 x C Gemm costs nothing, and quantised logits would make the scores coarse), so the
 head of an INT8 graph can be read and replaced like an fp32 one. It is written only if its
 top-1 accuracy on the check images is at most ``MAX_ACCURACY_LOSS`` (0.5 percentage points) below
-fp32's; otherwise :class:`QuantizationRefused` says by how much it missed and nothing is written.
+fp32's (the INT8 gate, :mod:`models.int8`, which the retrain job runs too); otherwise
+:class:`QuantizationRefused` says by how much it missed and nothing is written.
 """
 
 from __future__ import annotations
@@ -31,23 +32,17 @@ from typing import Any
 import numpy as np
 
 from models.errors import DatasetError, ModelError
-from models.onnx_io import check_onnx_contract, cpu_session, run_in_batches, softmax
+from models.int8 import MAX_ACCURACY_LOSS, check_int8
+from models.onnx_io import check_onnx_contract
 from models.preprocess import preprocess_image
-from models.registry import (
-    INT8_MAX_ACCURACY_LOSS,
-    INT8_ONNX_FILENAME,
-    INT8_REPORT_FILENAME,
-    ModelRegistry,
-    ModelVersion,
-)
 from models.spec import ONNX_INPUT, ONNX_LOGITS
+from store.registry import INT8_ONNX_FILENAME, INT8_REPORT_FILENAME, ModelRegistry, ModelVersion
 
 from .data import load_labelled, stratified_split
 
 log = logging.getLogger(__name__)
 
 MAX_CALIBRATION_IMAGES = 200
-MAX_ACCURACY_LOSS = INT8_MAX_ACCURACY_LOSS
 CALIBRATION_BATCH = 8
 #: val_fraction of versions fitted before fit recorded it (FitOptions' default then).
 DEFAULT_VAL_FRACTION = 0.2
@@ -202,20 +197,6 @@ def quantize_onnx(source: Path, destination: Path, calibration: np.ndarray) -> N
         )
 
 
-def compare(fp32_path: Path, int8_path: Path, inputs: np.ndarray, targets: np.ndarray) -> dict[str, float]:
-    """Top-1 accuracy of both graphs on labelled images, how often they agree, and the largest
-    difference of a logit and of a softmax score (what a response reports)."""
-    fp32_logits, _ = run_in_batches(cpu_session(fp32_path), inputs, batch_size=16)
-    int8_logits, _ = run_in_batches(cpu_session(int8_path), inputs, batch_size=16)
-    return {
-        "fp32_accuracy": float((fp32_logits.argmax(1) == targets).mean()),
-        "int8_accuracy": float((int8_logits.argmax(1) == targets).mean()),
-        "top1_agreement": float((fp32_logits.argmax(1) == int8_logits.argmax(1)).mean()),
-        "max_logit_diff": float(np.abs(fp32_logits - int8_logits).max()),
-        "max_score_diff": float(np.abs(softmax(fp32_logits) - softmax(int8_logits)).max()),
-    }
-
-
 def quantize_version(
     registry: ModelRegistry, version: str, data: Path, *, max_calibration: int = MAX_CALIBRATION_IMAGES,
     max_accuracy_loss: float = MAX_ACCURACY_LOSS, seed: int = 0, progress: bool = True,
@@ -224,7 +205,7 @@ def quantize_version(
     started = time.perf_counter()
     stored = registry.get(version)
     stored.verify()
-    if INT8_ONNX_FILENAME in stored.manifest_files():
+    if stored.has_int8():
         raise ModelError(f"version {version} already has an INT8 variant ({INT8_ONNX_FILENAME})")
     images = select_images(stored, data, max_calibration=max_calibration, seed=seed, progress=progress)
     log.info("calibrating on %d of version %s's training images; checking on %s",
@@ -233,15 +214,18 @@ def quantize_version(
         int8_path = Path(tmp) / INT8_ONNX_FILENAME
         quantize_onnx(stored.onnx_path, int8_path, images.calibration)
         check_onnx_contract(int8_path, stored.spec)
-        figures = compare(stored.onnx_path, int8_path, images.check, images.check_targets)
+        check = check_int8(stored.onnx_path, int8_path, images.check, images.check_targets,
+                           max_accuracy_loss=max_accuracy_loss)
         result = QuantizeResult(
-            version=version, calibration_images=len(images.calibration), check_images=len(images.check),
+            version=version, calibration_images=len(images.calibration), check_images=check.check_images,
             check_source=images.check_source, max_accuracy_loss=max_accuracy_loss,
-            seconds=round(time.perf_counter() - started, 1), **figures,
+            seconds=round(time.perf_counter() - started, 1), fp32_accuracy=check.fp32_accuracy,
+            int8_accuracy=check.int8_accuracy, top1_agreement=check.top1_agreement,
+            max_logit_diff=check.max_logit_diff, max_score_diff=check.max_score_diff,
         )
         log.info("INT8 variant of %s on %s: accuracy %.4f (fp32 %.4f), top-1 agreement %.4f",
                  version, images.check_source, result.int8_accuracy, result.fp32_accuracy, result.top1_agreement)
-        if result.accuracy_loss > max_accuracy_loss + 1e-9:
+        if not check.passed:
             raise QuantizationRefused(
                 f"the INT8 variant of {version} loses {100 * result.accuracy_loss:.2f} percentage points of "
                 f"top-1 accuracy on {images.check_source} ({result.int8_accuracy:.4f} against fp32's "

@@ -230,7 +230,7 @@ def test_bentoml_build_packs_the_code_and_its_requirements(tmp_path: Path) -> No
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     (bento,) = [path.parent for path in bentoml_home.glob("bentos/*/*/bento.yaml")]
     src = bento / "src"
-    for path in ("service/service.py", "models/registry.py", "training/__main__.py",
+    for path in ("service/service.py", "store/registry.py", "store/local/registry.py", "training/__main__.py",
                  "training/samples/chelsea.jpg", "training/samples/coffee.jpg"):
         assert (src / path).is_file(), path
     assert (src / "scripts/entrypoint.sh").stat().st_mode & stat.S_IXUSR

@@ -24,7 +24,7 @@ import httpx
 import psutil
 import pytest
 
-from service.jobs import JobStore
+from store.state import open_state
 from tests.conftest import jpeg_files
 from tests.http.test_admin import AUTH, CHELSEA, TOKEN, predicted_versions, upload, wait_for_version
 from tests.server import Load, Server, serving, start_server, wait_for_job, wait_until
@@ -58,7 +58,7 @@ def seen() -> dict[str, Any]:
 
 
 def version_dir(home: Path, version: str) -> Path:
-    return home / "bentoml" / "models" / "transfer-serve" / version
+    return home / "versions" / version
 
 
 def flip_bytes(path: Path, count: int = 8) -> bytes:
@@ -119,7 +119,7 @@ def test_a_retrain_process_killed_mid_job_fails_the_job_and_serving_never_stops(
                 assert job["state"] in ("queued", "running") and time.monotonic() < deadline, (
                     f"never caught the job mid-way (raise PER_CLASS): {job}")
                 time.sleep(0.05)
-            pid = JobStore(home).get(job_id)["pid"]  # type: ignore[index]
+            pid = open_state(home=home).jobs.get(job_id).pid  # type: ignore[union-attr]
             process = psutil.Process(pid)
             assert "service.retrain" in process.cmdline() and job_id in process.cmdline()
             os.kill(pid, signal.SIGKILL)
@@ -137,7 +137,7 @@ def test_a_retrain_process_killed_mid_job_fails_the_job_and_serving_never_stops(
 
         listing = admin.get("/admin/models").json()
         assert listing["active"] == "v1" and [v["version"] for v in listing["versions"]] == ["v1"]
-        store = home / "bentoml" / "models" / "transfer-serve"
+        store = home / "versions"
         assert sorted(p.name for p in store.iterdir() if p.is_dir()) == ["v1"]  # nothing half-written
         assert not list(home.glob("transfer-serve-retrain-*")), "the killed job's scratch directory is left"
 

@@ -27,7 +27,7 @@ from PIL import Image
 
 from models.onnx_io import cpu_session, softmax
 from models.preprocess import preprocess
-from models.registry import ModelRegistry
+from store.state import open_state
 from service.limits import MAX_FILENAME_BYTES
 from tests.conftest import ROOT
 from tests.http.test_admin import admin, admin_server  # noqa: F401 - the admin server fixtures, reused
@@ -83,7 +83,7 @@ class Reference:
     the same shared preprocessing and the same ONNX graph, no HTTP."""
 
     def __init__(self, home: Path) -> None:
-        version = ModelRegistry(home).get("v1")
+        version = open_state(home=home).registry.get("v1")
         self.labels = version.spec.labels
         self.preprocess = version.spec.preprocess
         self.session = cpu_session(version.onnx_path)

@@ -14,7 +14,7 @@ from PIL import Image
 
 from models.onnx_io import cpu_session, run_in_batches, softmax
 from models.preprocess import preprocess
-from models.registry import ModelRegistry
+from store.state import open_state
 from tests.conftest import ROOT, jpeg_files
 
 CHELSEA = (ROOT / "training/samples/chelsea.jpg").read_bytes()
@@ -197,7 +197,7 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_result(
     server, client: httpx.Client, bootstrapped_home: Path, hymenoptera: Path
 ) -> None:
     photos = [p.read_bytes() for p in jpeg_files(hymenoptera, "ants")[:12] + jpeg_files(hymenoptera, "bees")[:12]]
-    version = ModelRegistry(bootstrapped_home).get("v1")
+    version = open_state(home=bootstrapped_home).registry.get("v1")
     inputs = np.stack([preprocess(b, version.spec.preprocess, fast=True) for b in photos])  # as served
     logits, _ = run_in_batches(cpu_session(version.onnx_path), inputs, batch_size=1)
     expected = softmax(logits)

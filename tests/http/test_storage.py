@@ -40,9 +40,10 @@ import psutil
 import pytest
 from PIL import Image
 
-from service import db
-from service.labels import LabelStore
 from service.retrain import failure_reason
+from store import errors
+from store.local import database as db
+from store.state import open_state
 from tests.conftest import ROOT, jpeg_files
 from tests.server import Server, free_port, serving, start_command, wait_for_job, wait_until
 
@@ -52,7 +53,7 @@ CHELSEA = (ROOT / "training/samples/chelsea.jpg").read_bytes()
 MAX_REQUEST_BYTES = 2_000_000
 ENV = {"TRANSFER_SERVE_ADMIN_TOKEN": TOKEN, "TRANSFER_SERVE_WORKERS": "2",
        "TRANSFER_SERVE_INFERENCE_WORKERS": "1", "TRANSFER_SERVE_INTRA_OP_THREADS": "1"}
-MODEL_DIR = Path("bentoml/models/transfer-serve")
+MODEL_DIR = Path("versions")
 
 
 # -- helpers ---------------------------------------------------------------------------------------
@@ -81,7 +82,8 @@ def noise_png(side: int, seed: int = 0) -> bytes:
 def store_state(home: Path) -> tuple[dict[str, str], set[str], list[Path]]:
     """What the label store holds: rows (id -> label), content files, and hidden (temporary or
     set-aside) files."""
-    with db.connected(LabelStore(home).database) as conn:  # the store creates its table on first use
+    open_state(home=home).labels  # opening the store creates the database and its schema
+    with db.connected(db.database_path(home)) as conn:
         rows = dict(conn.execute("SELECT id, label FROM images").fetchall())
     images = home / "labels" / "images"
     files = {p.name for p in images.glob("*/*") if p.is_file() and not p.name.startswith(".")}
@@ -169,9 +171,9 @@ def admin(storage_server: Server) -> Iterator[httpx.Client]:
 
 def test_a_failed_write_stores_nothing_of_the_upload(tmp_path: Path, hymenoptera: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    import service.labels as labels_module
+    import store.local.labels as labels_module
 
-    store = LabelStore(tmp_path / "home")
+    store = open_state(home=tmp_path / "home").labels
     kept, first, second = photos(hymenoptera, "ants", 0, 3)
     store.add(kept, "ants", max_pixels=10**8)
     real_write = labels_module.write_atomic
@@ -184,12 +186,12 @@ def test_a_failed_write_stores_nothing_of_the_upload(tmp_path: Path, hymenoptera
         real_write(path, data)
 
     monkeypatch.setattr(labels_module, "write_atomic", write_then_fill_the_disk)
-    with pytest.raises(db.StorageError) as caught:
+    with pytest.raises(errors.StorageError) as caught:
         store.add_many([first, second], "bees", max_pixels=10**8)
     assert "storing the labelled images failed" in str(caught.value)
     assert "out of space" in str(caught.value) and "free space" in caught.value.hint
     assert calls == [sha(first), sha(second)]  # the first was written, then removed again
-    assert assert_store_consistent(store.home) == {sha(kept): "ants"}
+    assert assert_store_consistent(tmp_path / "home") == {sha(kept): "ants"}
 
 
 @pytest.mark.parametrize("code,problem", [
@@ -197,11 +199,11 @@ def test_a_failed_write_stores_nothing_of_the_upload(tmp_path: Path, hymenoptera
     (errno.EROFS, "read-only"), (errno.EACCES, "not writable"), (errno.EPERM, "not writable"),
 ])
 def test_write_errors_name_the_problem_and_the_fix(code: int, problem: str) -> None:
-    failure = db.storage_failure(OSError(code, os.strerror(code)), "writing x")
+    failure = errors.storage_failure(OSError(code, os.strerror(code)), "writing x")
     assert failure is not None and problem in failure.problem
     assert str(failure).startswith("writing x failed: the state directory") and failure.hint
-    assert db.storage_failure(OSError(errno.ECONNRESET, "reset"), "writing x") is None
-    assert db.storage_failure(ValueError("not storage"), "writing x") is None
+    assert errors.storage_failure(OSError(errno.ECONNRESET, "reset"), "writing x") is None
+    assert errors.storage_failure(ValueError("not storage"), "writing x") is None
 
 
 def test_database_errors_are_storage_failures(tmp_path: Path) -> None:
@@ -214,14 +216,14 @@ def test_database_errors_are_storage_failures(tmp_path: Path) -> None:
             read_only.execute("INSERT INTO t VALUES (1)")
     finally:
         read_only.close()
-    failure = db.storage_failure(caught.value, "recording")
+    failure = errors.storage_failure(caught.value, "recording")
     assert failure is not None and "cannot write" in failure.problem
     with pytest.raises(sqlite3.OperationalError) as cannot_open:
         sqlite3.connect(tmp_path / "missing" / "x.db").execute("SELECT 1")
-    assert db.storage_failure(cannot_open.value, "opening") is not None
+    assert errors.storage_failure(cannot_open.value, "opening") is not None
     with pytest.raises(sqlite3.OperationalError) as syntax:
         sqlite3.connect(":memory:").execute("SELEC 1")
-    assert db.storage_failure(syntax.value, "querying") is None
+    assert errors.storage_failure(syntax.value, "querying") is None
 
 
 def test_retrain_failure_reasons_say_what_was_left() -> None:
@@ -229,7 +231,7 @@ def test_retrain_failure_reasons_say_what_was_left() -> None:
     exporting = failure_reason(full, "exporting")
     assert exporting.startswith("writing the new model version failed: the state directory is out of space")
     assert "no model version was registered" in exporting
-    activating = failure_reason(db.storage_failure(full, "activating the new version v2"), "activating")  # type: ignore[arg-type]
+    activating = failure_reason(errors.storage_failure(full, "activating the new version v2"), "activating")  # type: ignore[arg-type]
     assert "v2" in activating and "registered but not active" in activating
     assert failure_reason(ValueError("bad"), "fitting") == "ValueError: bad"
 

@@ -13,7 +13,7 @@ import pytest
 
 from models.onnx_io import cpu_session, run_in_batches, softmax
 from models.preprocess import preprocess
-from models.registry import ModelRegistry
+from store.state import open_state
 from tests.conftest import ROOT, subprocess_env
 
 pytestmark = pytest.mark.slow
@@ -24,7 +24,7 @@ def classify(home: Path, photo: np.ndarray) -> list[int]:
 
     from PIL import Image
 
-    version = ModelRegistry(home).active()
+    version = open_state(home=home).registry.active()
     assert version is not None
     buffer = io.BytesIO()
     Image.fromarray(photo).save(buffer, format="PNG")
@@ -34,7 +34,7 @@ def classify(home: Path, photo: np.ndarray) -> list[int]:
 
 
 def test_bootstrap_registers_the_imagenet_classifier(bootstrapped_home: Path) -> None:
-    version = ModelRegistry(bootstrapped_home).active()
+    version = open_state(home=bootstrapped_home).registry.active()
     assert version is not None and version.version == "v1"
     assert version.spec.num_classes == 1000
     assert version.spec.labels[967] == "espresso"
@@ -59,4 +59,4 @@ def test_bootstrap_cli_is_a_no_op_when_a_model_exists(bootstrapped_home: Path) -
     )
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result == {"version": None, "active": "v1", "created": False}
-    assert [v.version for v in ModelRegistry(bootstrapped_home).versions()] == ["v1"]
+    assert [v.version for v in open_state(home=bootstrapped_home).registry.versions()] == ["v1"]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from models.registry import ModelRegistry
+from store.state import open_state
 from training.cli import main
 from tests.conftest import ROOT, jpeg_files, make_subset, subprocess_env
 
@@ -43,7 +43,7 @@ def test_head_fit_registers_an_accurate_verified_version(fitted) -> None:
     assert result["version"] == "v1" and result["active"] is True  # first version: active
     assert result["metrics"]["accuracy"] >= 0.85
     assert result["metrics"]["n"] == 16  # 20% of 40 per class held out
-    version = ModelRegistry(home).get("v1")
+    version = open_state(home=home).registry.get("v1")
     version.verify()
     assert version.spec.labels == ("ants", "bees")
     details = version.info["details"]
@@ -96,7 +96,7 @@ def test_untrainable_data_exits_2_and_registers_nothing(layout, hymenoptera: Pat
     home = tmp_path / "home"
     assert main(["--home", str(home), "fit", "--data", str(data)]) == 2
     assert "\nerror: " in "\n" + capsys.readouterr().err
-    assert ModelRegistry(home).is_empty()
+    assert open_state(home=home).registry.versions() == []
 
 
 def test_finetune_strategy_completes(hymenoptera: Path, tmp_path: Path, capsys) -> None:
@@ -106,7 +106,7 @@ def test_finetune_strategy_completes(hymenoptera: Path, tmp_path: Path, capsys) 
                  "--epochs", "1", "--json"])
     assert code == 0
     result = last_json(capsys.readouterr().out)
-    version = ModelRegistry(home).get(result["version"])
+    version = open_state(home=home).registry.get(result["version"])
     assert version.info["details"]["strategy"] == "finetune"
     assert version.info["details"]["epochs"] == 1
     report = json.loads((version.report_dir / "report.json").read_text())
@@ -114,7 +114,6 @@ def test_finetune_strategy_completes(hymenoptera: Path, tmp_path: Path, capsys) 
 
 
 def test_import_cli_adds_a_folder_to_the_label_store(hymenoptera: Path, tmp_path: Path, capsys) -> None:
-    from service.labels import LabelStore
 
     data = make_subset(hymenoptera, tmp_path / "data", per_class=3)
     (data / "bees" / "junk.jpg").write_bytes(b"not an image")
@@ -122,6 +121,6 @@ def test_import_cli_adds_a_folder_to_the_label_store(hymenoptera: Path, tmp_path
     assert main(["--home", str(home), "import", "--data", str(data), "--json"]) == 0
     summary = last_json(capsys.readouterr().out)
     assert summary["stored"] == 6 and summary["skipped"] == 1 and "junk.jpg" in summary["skipped_files"][0]["path"]
-    assert LabelStore(home).counts() == {"ants": 3, "bees": 3}
+    assert open_state(home=home).labels.counts() == {"ants": 3, "bees": 3}
     assert main(["--home", str(home), "import", "--data", str(data), "--json"]) == 0
     assert last_json(capsys.readouterr().out)["unchanged"] == 6

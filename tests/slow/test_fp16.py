@@ -11,14 +11,14 @@ import pytest
 
 from models.onnx_io import cpu_session, run_in_batches, serving_graph
 from models.preprocess import preprocess
-from models.registry import ModelRegistry
+from store.state import open_state
 from models.spec import ONNX_EMBEDDING, ONNX_INPUT, ONNX_LOGITS
 
 pytestmark = pytest.mark.slow
 
 
 def test_fp16_agrees_with_fp32_on_the_hymenoptera_photos(bootstrapped_home: Path, hymenoptera: Path) -> None:
-    version = ModelRegistry(bootstrapped_home).get("v1")
+    version = open_state(home=bootstrapped_home).registry.get("v1")
     photos = sorted(hymenoptera.rglob("*.jpg"))
     inputs = np.stack([preprocess(p.read_bytes(), version.spec.preprocess) for p in photos])
     options = ort.SessionOptions()
@@ -45,7 +45,7 @@ def test_the_gpu_input_graph_agrees_with_the_host_path_on_the_hymenoptera_photos
     from models.onnx_io import PIXELS_INPUT, run_bound, serving_graph
     from models.preprocess import decode_and_crop, normalise_crops
 
-    version = ModelRegistry(bootstrapped_home).get("v1")
+    version = open_state(home=bootstrapped_home).registry.get("v1")
     config = version.spec.preprocess
     crops = np.stack([decode_and_crop(p.read_bytes(), config) for p in sorted(hymenoptera.rglob("*.jpg"))[:32]])
     options = ort.SessionOptions()

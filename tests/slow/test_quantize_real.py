@@ -13,7 +13,8 @@ import pytest
 from models.head import fit_linear_head
 from models.onnx_io import check_onnx_contract, cpu_session, read_head, replace_head, run_in_batches
 from models.preprocess import load_image_bytes, preprocess
-from models.registry import INT8_ONNX_FILENAME, ModelRegistry
+from store.registry import INT8_ONNX_FILENAME
+from store.state import open_state
 from tests.conftest import make_subset
 from training.quantize import quantize_version
 
@@ -23,7 +24,7 @@ PER_CLASS = 12
 
 
 def test_real_network_int8_variant(bootstrapped_home: Path, hymenoptera: Path, tmp_path: Path) -> None:
-    base = ModelRegistry(bootstrapped_home).get("v1")
+    base = open_state(home=bootstrapped_home).registry.get("v1")
     folder = make_subset(hymenoptera, tmp_path / "photos", PER_CLASS)
     photos = sorted(folder.rglob("*.jpg"))
     labels = ("ants", "bees")
@@ -33,7 +34,7 @@ def test_real_network_int8_variant(bootstrapped_home: Path, hymenoptera: Path, t
     head = fit_linear_head(embeddings, targets, 2, seed=0)
     graph = tmp_path / "ants-bees.onnx"
     replace_head(base.onnx_path, graph, head.weight, head.bias)
-    registry = ModelRegistry(tmp_path / "home")
+    registry = open_state(home=tmp_path / "home").registry
     registry.register(
         onnx_file=graph, spec=base.spec.model_copy(update={"labels": labels}), metrics={},
         embeddings=embeddings, embedding_targets=targets,

@@ -12,7 +12,7 @@ import pytest
 
 from models.onnx_io import PIXELS_INPUT, cpu_session, run_bound, serving_graph
 from models.preprocess import normalise_crops
-from models.registry import ModelRegistry
+from store.local.registry import DirectoryRegistry
 from models.spec import ONNX_EMBEDDING, ONNX_INPUT, ONNX_LOGITS, PreprocessConfig
 from service.providers import CPU, CUDA, TENSORRT
 from service.runtime import ModelRuntime, feeds_pixels
@@ -86,9 +86,9 @@ def test_gpu_providers_get_uint8_crops_and_io_binding(providers: list, expected:
     assert feeds_pixels(providers) is expected
 
 
-def runtime(registry: ModelRegistry) -> ModelRuntime:
+def runtime(registry: DirectoryRegistry) -> ModelRuntime:
     return ModelRuntime(Settings(home=registry.home, providers="cpu", inference_workers=1, intra_op_threads=1,
-                                 max_batch_size=4))
+                                 max_batch_size=4), registry)
 
 
 def test_the_runtime_on_the_gpu_path_answers_as_on_the_cpu_path(

@@ -21,15 +21,11 @@ import pytest
 from PIL import Image
 
 from models.errors import ImageDecodeError, ImageTooLargeError, InputError
-from service import db
-from service.embeddings import EmbeddingCache
-from service.labels import (
-    ImageNotFoundError,
-    InvalidLabelError,
-    LabelStore,
-    held_out,
-    validate_label,
-)
+from store.labels import ImageNotFoundError, InvalidLabelError, validate_label
+from store.local import database as db
+from store.local.database import Database
+from store.local.embeddings import SqliteEmbeddingCache
+from store.local.labels import SqliteLabelStore
 from training.importer import import_folder
 from tests.conftest import jpeg_files
 
@@ -44,17 +40,29 @@ def png(seed: int, size: tuple[int, int] = (6, 5)) -> bytes:
     return buffer.getvalue()
 
 
-def stored_files(store: LabelStore) -> list[Path]:
+def label_store(home: Path) -> SqliteLabelStore:
+    return SqliteLabelStore(home, Database.open(home))
+
+
+def embedding_cache(home: Path) -> SqliteEmbeddingCache:
+    return SqliteEmbeddingCache(Database.open(home))
+
+
+def total(store: SqliteLabelStore) -> int:
+    return len(store.images())
+
+
+def stored_files(store: SqliteLabelStore) -> list[Path]:
     return sorted(p for p in store.images_dir.rglob("*") if p.is_file() and not p.name.startswith("."))
 
 
-def leftovers(store: LabelStore) -> list[Path]:
+def leftovers(store: SqliteLabelStore) -> list[Path]:
     """Temporary or set-aside files: everything hidden under the images directory."""
     return sorted(p for p in store.images_dir.rglob(".*"))
 
 
-def row_count(store: LabelStore) -> int:
-    with db.connected(store.database) as conn:
+def row_count(store: SqliteLabelStore) -> int:
+    with store.database.connect() as conn:
         return conn.execute("SELECT COUNT(*) FROM images").fetchone()[0]
 
 
@@ -64,8 +72,8 @@ def integrity(path: Path) -> str:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> LabelStore:
-    return LabelStore(tmp_path / "home")
+def store(tmp_path: Path) -> SqliteLabelStore:
+    return label_store(tmp_path / "home")
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +106,7 @@ def test_connect_settings_and_transaction_rollback(tmp_path: Path) -> None:
 # -- storing and reading ------------------------------------------------------------------------
 
 
-def test_store_and_read_round_trip_by_content_address(store: LabelStore, photos: list[bytes]) -> None:
+def test_store_and_read_round_trip_by_content_address(store: SqliteLabelStore, photos: list[bytes]) -> None:
     data = photos[0]
     result = store.add(data, "ants", max_pixels=MAX_PIXELS)
     digest = hashlib.sha256(data).hexdigest()
@@ -111,11 +119,11 @@ def test_store_and_read_round_trip_by_content_address(store: LabelStore, photos:
     assert stored_files(store) == [path]  # nothing named after the client's file, no extension
     assert path.read_bytes() == data
     assert store.read(digest) == data
-    assert [(i.image_id, i.label, i.path) for i in store.images()] == [(digest, "ants", path)]
+    assert [(i.image_id, i.label) for i in store.images()] == [(digest, "ants")]
     assert leftovers(store) == []
 
 
-def test_same_bytes_again_is_unchanged_or_moved(store: LabelStore, photos: list[bytes]) -> None:
+def test_same_bytes_again_is_unchanged_or_moved(store: SqliteLabelStore, photos: list[bytes]) -> None:
     first = store.add(photos[0], "ants", max_pixels=MAX_PIXELS)
     again = store.add(photos[0], "ants", max_pixels=MAX_PIXELS)
     assert (again.status, again.previous_label, again.image_id) == ("unchanged", None, first.image_id)
@@ -125,18 +133,18 @@ def test_same_bytes_again_is_unchanged_or_moved(store: LabelStore, photos: list[
     assert len(stored_files(store)) == 1
 
 
-def test_counts_and_total(store: LabelStore, photos: list[bytes]) -> None:
-    assert (store.counts(), store.total(), store.images()) == ({}, 0, [])
+def test_counts_and_total(store: SqliteLabelStore, photos: list[bytes]) -> None:
+    assert (store.counts(), total(store), store.images()) == ({}, 0, [])
     for data, label in zip(photos, ["ants", "ants", "bees", "wasp"]):
         store.add(data, label, max_pixels=MAX_PIXELS)
     store.add(png(1), "wasp", max_pixels=MAX_PIXELS)
     assert store.counts() == {"ants": 2, "bees": 1, "wasp": 2}
-    assert store.total() == 5
+    assert total(store) == 5
     ids = [i.image_id for i in store.images()]
     assert ids == sorted(ids) and len(ids) == 5
 
 
-def test_read_unknown_or_malformed_id_is_not_found(store: LabelStore) -> None:
+def test_read_unknown_or_malformed_id_is_not_found(store: SqliteLabelStore) -> None:
     with pytest.raises(ImageNotFoundError, match="no stored image") as info:
         store.read("0" * 64)
     assert info.value.status_code == 404
@@ -147,7 +155,7 @@ def test_read_unknown_or_malformed_id_is_not_found(store: LabelStore) -> None:
 # -- deleting -----------------------------------------------------------------------------------
 
 
-def test_delete_removes_row_and_file(store: LabelStore, photos: list[bytes]) -> None:
+def test_delete_removes_row_and_file(store: SqliteLabelStore, photos: list[bytes]) -> None:
     keep = store.add(photos[1], "ants", max_pixels=MAX_PIXELS)
     gone = store.add(photos[0], "ants", max_pixels=MAX_PIXELS)
     assert store.delete(gone.image_id) is True
@@ -164,7 +172,7 @@ def test_delete_removes_row_and_file(store: LabelStore, photos: list[bytes]) -> 
     "bad_id",
     ["../../etc/passwd", "", "A" * 64, "0" * 63, "0" * 65, "0" * 64 + "\n", "../" + "0" * 61, "0" * 62 + "/."],
 )
-def test_delete_malformed_id_touches_nothing(store: LabelStore, photos: list[bytes], bad_id: str) -> None:
+def test_delete_malformed_id_touches_nothing(store: SqliteLabelStore, photos: list[bytes], bad_id: str) -> None:
     # "../../etc/passwd" joined as images/<first 2>/<id> would land exactly on this file.
     sentinel = store.home.parent / "etc" / "passwd"
     sentinel.parent.mkdir()
@@ -172,7 +180,7 @@ def test_delete_malformed_id_touches_nothing(store: LabelStore, photos: list[byt
     store.add(photos[0], "ants", max_pixels=MAX_PIXELS)
     assert store.delete(bad_id) is False
     assert sentinel.read_text() == "root"
-    assert store.total() == 1 and len(stored_files(store)) == 1
+    assert total(store) == 1 and len(stored_files(store)) == 1
 
 
 # -- label rules --------------------------------------------------------------------------------
@@ -201,13 +209,13 @@ def test_valid_labels(label: str) -> None:
         ("a\tb", r"U\+0009"),
     ],
 )
-def test_invalid_labels_are_refused_with_the_rule(store: LabelStore, label: str, message: str) -> None:
+def test_invalid_labels_are_refused_with_the_rule(store: SqliteLabelStore, label: str, message: str) -> None:
     with pytest.raises(InvalidLabelError, match=message) as info:
         validate_label(label)
     assert isinstance(info.value, InputError) and info.value.status_code == 422
     with pytest.raises(InvalidLabelError):
         store.add(png(0), label, max_pixels=MAX_PIXELS)
-    assert store.total() == 0 and stored_files(store) == []
+    assert total(store) == 0 and stored_files(store) == []
 
 
 # -- bad image bytes ----------------------------------------------------------------------------
@@ -218,7 +226,7 @@ def test_invalid_labels_are_refused_with_the_rule(store: LabelStore, label: str,
     [b"", b"definitely not an image", b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, "truncated"],
     ids=["empty", "text", "png-header-only", "truncated-jpeg"],
 )
-def test_corrupt_bytes_store_nothing(store: LabelStore, photos: list[bytes], data: bytes | str) -> None:
+def test_corrupt_bytes_store_nothing(store: SqliteLabelStore, photos: list[bytes], data: bytes | str) -> None:
     if data == "truncated":
         data = photos[0][: len(photos[0]) // 3]
     assert isinstance(data, bytes)
@@ -228,7 +236,7 @@ def test_corrupt_bytes_store_nothing(store: LabelStore, photos: list[bytes], dat
     assert list(store.images_dir.rglob("*")) == []  # no file, no temporary file, no folder
 
 
-def test_too_many_pixels_stores_nothing(store: LabelStore) -> None:
+def test_too_many_pixels_stores_nothing(store: SqliteLabelStore) -> None:
     with pytest.raises(ImageTooLargeError):
         store.add(png(0, size=(100, 100)), "ants", max_pixels=9_999)
     assert row_count(store) == 0 and list(store.images_dir.rglob("*")) == []
@@ -237,7 +245,7 @@ def test_too_many_pixels_stores_nothing(store: LabelStore) -> None:
 # -- concurrency --------------------------------------------------------------------------------
 
 
-def test_concurrent_adds_from_threads(store: LabelStore) -> None:
+def test_concurrent_adds_from_threads(store: SqliteLabelStore) -> None:
     images = [png(seed) for seed in range(30)]
     rng = random.Random(0)
     jobs = [(images[i % 30], rng.choice(["ants", "bees", "wasps"])) for i in range(100)]
@@ -256,10 +264,10 @@ def test_concurrent_adds_from_threads(store: LabelStore) -> None:
         labels_tried.setdefault(hashlib.sha256(data).hexdigest(), set()).add(label)
     assert all(i.label in labels_tried[i.image_id] for i in store.images())
     assert leftovers(store) == []
-    assert integrity(store.database) == "ok"
+    assert integrity(store.database.path) == "ok"
 
 
-def test_concurrent_add_and_delete_keep_rows_and_files_in_step(store: LabelStore) -> None:
+def test_concurrent_add_and_delete_keep_rows_and_files_in_step(store: SqliteLabelStore) -> None:
     data = png(7)
     image_id = hashlib.sha256(data).hexdigest()
     stop = threading.Event()
@@ -275,7 +283,7 @@ def test_concurrent_add_and_delete_keep_rows_and_files_in_step(store: LabelStore
     def check() -> None:
         # Whenever nobody holds the write lock, a row must have its file.
         nonlocal orphan_rows
-        with db.connected(store.database) as conn:
+        with store.database.connect() as conn:
             while not stop.is_set():
                 with db.transaction(conn):
                     row = conn.execute("SELECT 1 FROM images WHERE id = ?", (image_id,)).fetchone()
@@ -294,7 +302,7 @@ def test_concurrent_add_and_delete_keep_rows_and_files_in_step(store: LabelStore
     finally:
         sys.setswitchinterval(switch_interval)
     assert orphan_rows == 0
-    assert (store.total() == 1) == store.path_of(image_id).is_file()
+    assert (total(store) == 1) == store.path_of(image_id).is_file()
     assert leftovers(store) == []
     store.add(data, "ants", max_pixels=MAX_PIXELS)
     assert store.read(image_id) == data
@@ -303,7 +311,7 @@ def test_concurrent_add_and_delete_keep_rows_and_files_in_step(store: LabelStore
 def _add_from_process(home: str, images: list[bytes], barrier: object, out: str) -> None:
     """Runs in a spawned process: wait for the others, then add every image."""
     barrier.wait(timeout=60)  # type: ignore[attr-defined]
-    store = LabelStore(Path(home))  # all four create the database and schema at the same time
+    store = label_store(Path(home))  # all four create the database and schema at the same time
     statuses = [store.add(data, "ants" if i % 2 else "bees", max_pixels=MAX_PIXELS).status
                 for i, data in enumerate(images)]
     Path(out).write_text(json.dumps(statuses))
@@ -326,36 +334,18 @@ def test_concurrent_adds_from_processes(tmp_path: Path) -> None:
 
     statuses = Counter(s for out in outs for s in json.loads(out.read_text()))
     assert statuses == {"stored": 10, "unchanged": 30}
-    store = LabelStore(home)
+    store = label_store(home)
     assert row_count(store) == 10 and len(stored_files(store)) == 10
     assert store.counts() == {"ants": 5, "bees": 5}
     assert leftovers(store) == []
-    assert integrity(store.database) == "ok"
-
-
-# -- held-out split -----------------------------------------------------------------------------
-
-
-def test_held_out_is_fixed_per_image_and_near_the_fraction() -> None:
-    rng = random.Random(0)
-    ids = [rng.randbytes(32).hex() for _ in range(2000)]
-    split = [held_out(i) for i in ids]
-    assert split == [held_out(i) for i in ids]
-    assert 0.17 < sum(split) / len(ids) < 0.23
-    assert sum(held_out(i, 0.5) for i in ids) / len(ids) == pytest.approx(0.5, abs=0.04)
-    assert not any(held_out(i, 0.0) for i in ids) and all(held_out(i, 1.0) for i in ids)
-    assert all(held_out(i, 0.5) for i, h in zip(ids, split) if h)  # growing the fraction only adds
-    with pytest.raises(ValueError):
-        held_out("../x")
-    with pytest.raises(ValueError):
-        held_out(ids[0], 1.5)
+    assert integrity(store.database.path) == "ok"
 
 
 # -- embedding cache ----------------------------------------------------------------------------
 
 
 def test_embedding_cache_round_trip_is_bit_exact(tmp_path: Path) -> None:
-    cache = EmbeddingCache(tmp_path / "home")
+    cache = embedding_cache(tmp_path / "home")
     special = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 1e-45, 3.4e38, 1 / 3], dtype=np.float32)
     vectors = {"a" * 64: special, "b" * 64: np.random.default_rng(0).normal(size=1280).astype(np.float32)}
     cache.put_many(vectors, "backbone-1")
@@ -369,7 +359,7 @@ def test_embedding_cache_round_trip_is_bit_exact(tmp_path: Path) -> None:
 
 
 def test_embedding_cache_keeps_backbones_apart(tmp_path: Path) -> None:
-    cache = EmbeddingCache(tmp_path / "home")
+    cache = embedding_cache(tmp_path / "home")
     cache.put_many({"a" * 64: np.ones(4, np.float32)}, "backbone-1")
     assert cache.get_many(["a" * 64], "backbone-2") == {}
     cache.put_many({"a" * 64: np.full(8, 2.0, np.float32)}, "backbone-2")
@@ -384,7 +374,7 @@ def test_embedding_cache_keeps_backbones_apart(tmp_path: Path) -> None:
 
 
 def test_embedding_cache_many_ids(tmp_path: Path) -> None:
-    cache = EmbeddingCache(tmp_path / "home")
+    cache = embedding_cache(tmp_path / "home")
     rng = np.random.default_rng(1)
     ids = [f"{n:064x}" for n in range(1300)]
     stored = {i: rng.normal(size=16).astype(np.float32) for i in ids[::2]}
@@ -396,9 +386,9 @@ def test_embedding_cache_many_ids(tmp_path: Path) -> None:
 
 def test_embeddings_and_labels_share_one_database(tmp_path: Path) -> None:
     home = tmp_path / "home"
-    store, cache = LabelStore(home), EmbeddingCache(home)
-    assert store.database == cache.database == db.database_path(home)
-    with db.connected(store.database) as conn:
+    store, cache = label_store(home), embedding_cache(home)
+    assert store.database.path == cache.database.path == db.database_path(home)
+    with store.database.connect() as conn:
         tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     assert {"images", "embeddings"} <= tables
 
@@ -406,7 +396,7 @@ def test_embeddings_and_labels_share_one_database(tmp_path: Path) -> None:
 # -- folder import ------------------------------------------------------------------------------
 
 
-def test_import_folder_counts_and_skips(store: LabelStore, hymenoptera: Path, tmp_path: Path) -> None:
+def test_import_folder_counts_and_skips(store: SqliteLabelStore, hymenoptera: Path, tmp_path: Path) -> None:
     root = tmp_path / "data"
     ants, bees = jpeg_files(hymenoptera, "ants")[:3], jpeg_files(hymenoptera, "bees")[:3]
     for label, photos in (("ants", ants), ("bees", bees + ants[:1]), ("caf\u00e9", bees[:1])):
@@ -426,4 +416,4 @@ def test_import_folder_counts_and_skips(store: LabelStore, hymenoptera: Path, tm
 
     again = import_folder(root, store, max_pixels=MAX_PIXELS, progress=False)
     assert (again.stored, again.unchanged, again.moved, len(again.skipped)) == (0, 5, 2, 2)
-    assert store.total() == 6
+    assert total(store) == 6

@@ -1,4 +1,4 @@
-"""Static audit: nothing in models/, service/ or training/ deserialises with pickle (or a
+"""Static audit: nothing in models/, store/, service/ or training/ deserialises with pickle (or a
 library built on it) what a client or the state directory can influence.
 
 Models are ONNX + JSON, arrays are ``.npy`` loaded with ``allow_pickle=False``, embeddings are raw
@@ -24,7 +24,7 @@ import pytest
 
 from tests.conftest import ROOT
 
-AUDITED = ("models", "service", "training")
+AUDITED = ("models", "store", "service", "training")
 PICKLING_MODULES = frozenset({"pickle", "cPickle", "_pickle", "dill", "cloudpickle", "joblib", "shelve", "marshal"})
 
 
@@ -121,9 +121,9 @@ def test_the_places_that_load_arrays_and_checkpoints_are_seen() -> None:
     """The audit is only worth something if it looks where the loading happens: the registry's
     ``.npy`` files and training's checkpoints are visited, and pass."""
     sources = {p.relative_to(ROOT).as_posix(): p.read_text() for p in audited_files()}
-    assert "np.load(" in sources["models/registry.py"]
+    assert "np.load(" in sources["store/registry.py"]
     assert "torch.load(" in sources["training/backbones.py"]
-    assert audit_source(sources["models/registry.py"]) == []
+    assert audit_source(sources["store/registry.py"]) == []
     assert audit_source(sources["training/backbones.py"]) == []
 
 

@@ -774,9 +774,9 @@ def test_fast_path_gives_the_bootstrap_model_the_same_top1(
     mosaic, upright and rotated), not on all 245: the rest differ by (nearly) nothing."""
     from models.onnx_io import cpu_session, run_in_batches, softmax
     from models.preprocess import decode_and_crop, normalise_crops
-    from models.registry import ModelRegistry
+    from store.state import open_state
 
-    registry = ModelRegistry(bootstrapped_home)
+    registry = open_state(home=bootstrapped_home).registry
     version = registry.get(registry.active_version() or "v1")
     config = version.spec.preprocess
     # hymenoptera_crops was made with PreprocessConfig(): the same crops (mean/std come later)

@@ -14,7 +14,8 @@ from PIL import Image
 
 from models.errors import DatasetError, ModelError
 from models.onnx_io import check_onnx_contract, cpu_session, run_in_batches
-from models.registry import INT8_ONNX_FILENAME, ModelRegistry
+from store.local.registry import DirectoryRegistry
+from store.registry import INT8_ONNX_FILENAME
 from models.spec import ONNX_EMBEDDING, ONNX_INPUT, ONNX_LOGITS
 from tests.conftest import TINY_SIZE, tiny_spec, write_tiny_onnx
 from training.cli import main as cli_main
@@ -76,12 +77,12 @@ GRAYS = {"cat": [0, 20, 40, 60, 80], "dog": [170, 190, 210, 230, 250]}
 
 
 @pytest.fixture
-def fitted(tmp_path: Path) -> tuple[ModelRegistry, Path]:
+def fitted(tmp_path: Path) -> tuple[DirectoryRegistry, Path]:
     """A registry whose v1 (the conv model) was "trained" on the images of a folder: its stored
     hashes and targets are theirs, its details say it was not fit's split (so the check runs on
     the calibration images)."""
     folder, hashes, targets = image_folder(tmp_path / "images", GRAYS)
-    registry = ModelRegistry(tmp_path / "home")
+    registry = DirectoryRegistry(tmp_path / "home")
     registry.register(
         onnx_file=write_conv_onnx(tmp_path / "conv.onnx"), spec=tiny_spec(), metrics={"accuracy": 1.0},
         embeddings=np.zeros((len(hashes), 3), np.float32), embedding_targets=np.array(targets),
@@ -90,7 +91,7 @@ def fitted(tmp_path: Path) -> tuple[ModelRegistry, Path]:
     return registry, folder
 
 
-def test_quantize_adds_a_checked_int8_variant_that_keeps_the_contract(fitted: tuple[ModelRegistry, Path]) -> None:
+def test_quantize_adds_a_checked_int8_variant_that_keeps_the_contract(fitted: tuple[DirectoryRegistry, Path]) -> None:
     registry, folder = fitted
     manifest_mode = (registry.get("v1").path / "manifest.json").stat().st_mode
     result = quantize_version(registry, "v1", folder, progress=False)
@@ -126,7 +127,7 @@ def test_quantize_adds_a_checked_int8_variant_that_keeps_the_contract(fitted: tu
         quantize_version(registry, "v1", folder, progress=False)
 
 
-def test_a_variant_that_misses_the_accuracy_limit_is_not_written(fitted: tuple[ModelRegistry, Path]) -> None:
+def test_a_variant_that_misses_the_accuracy_limit_is_not_written(fitted: tuple[DirectoryRegistry, Path]) -> None:
     registry, folder = fitted
     manifest = (registry.get("v1").path / "manifest.json").read_bytes()
     # no variant can be more accurate than a perfect fp32 model: a negative allowance refuses it
@@ -137,7 +138,7 @@ def test_a_variant_that_misses_the_accuracy_limit_is_not_written(fitted: tuple[M
     assert not version.int8_onnx_path.exists()
 
 
-def test_calibration_needs_the_versions_own_images(fitted: tuple[ModelRegistry, Path], tmp_path: Path) -> None:
+def test_calibration_needs_the_versions_own_images(fitted: tuple[DirectoryRegistry, Path], tmp_path: Path) -> None:
     registry, _ = fitted
     strangers, _, _ = image_folder(tmp_path / "others", {"cat": [5, 15], "dog": [200, 220]})
     with pytest.raises(DatasetError, match="none of the 4 images .* are among the 10 images"):
@@ -156,7 +157,7 @@ def test_fit_versions_calibrate_on_the_training_split_and_check_on_the_held_out_
 
     folder, hashes, targets = image_folder(tmp_path / "images", GRAYS)
     fingerprint = load_labelled(folder, lambda image: 0, progress=False).fingerprint()
-    registry = ModelRegistry(tmp_path / "home")
+    registry = DirectoryRegistry(tmp_path / "home")
     registry.register(
         onnx_file=write_conv_onnx(tmp_path / "conv.onnx"), spec=tiny_spec(), metrics={},
         embeddings=np.zeros((10, 3), np.float32), embedding_targets=np.array(targets), embedding_hashes=hashes,
@@ -169,7 +170,7 @@ def test_fit_versions_calibrate_on_the_training_split_and_check_on_the_held_out_
 
 
 def test_only_a_variant_that_meets_the_spec_is_added_and_a_damaged_one_fails_verify(
-    fitted: tuple[ModelRegistry, Path], tmp_path: Path
+    fitted: tuple[DirectoryRegistry, Path], tmp_path: Path
 ) -> None:
     registry, _ = fitted
     wrong = write_tiny_onnx(tmp_path / "three-classes.onnx", num_classes=3)
@@ -189,12 +190,12 @@ def test_only_a_variant_that_meets_the_spec_is_added_and_a_damaged_one_fails_ver
 # -- the runtime's choice ---------------------------------------------------------------------
 
 
-def runtime(registry: ModelRegistry, variant: str):
+def runtime(registry: DirectoryRegistry, variant: str):
     from service.runtime import ModelRuntime
     from service.settings import Settings
 
     return ModelRuntime(Settings(home=registry.home, providers="cpu", inference_workers=1, intra_op_threads=1,
-                                 max_batch_size=2, model_variant=variant))
+                                 max_batch_size=2, model_variant=variant), registry)
 
 
 def runtime_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -202,7 +203,7 @@ def runtime_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
 
 
 def test_the_runtime_serves_the_chosen_variant_and_names_it(
-    fitted: tuple[ModelRegistry, Path], caplog: pytest.LogCaptureFixture
+    fitted: tuple[DirectoryRegistry, Path], caplog: pytest.LogCaptureFixture
 ) -> None:
     registry, folder = fitted
     quantize_version(registry, "v1", folder, progress=False)
@@ -224,7 +225,7 @@ def test_the_runtime_serves_the_chosen_variant_and_names_it(
 
 
 def test_int8_asked_for_a_version_without_one_serves_fp32_with_one_warning(
-    fitted: tuple[ModelRegistry, Path], caplog: pytest.LogCaptureFixture
+    fitted: tuple[DirectoryRegistry, Path], caplog: pytest.LogCaptureFixture
 ) -> None:
     registry, _ = fitted
     worker = runtime(registry, "int8")
@@ -236,7 +237,7 @@ def test_int8_asked_for_a_version_without_one_serves_fp32_with_one_warning(
 
 
 def test_fp16_is_converted_at_load_named_and_close_to_fp32(
-    fitted: tuple[ModelRegistry, Path], caplog: pytest.LogCaptureFixture
+    fitted: tuple[DirectoryRegistry, Path], caplog: pytest.LogCaptureFixture
 ) -> None:
     registry, _ = fitted
     crops = np.stack([np.full((TINY_SIZE, TINY_SIZE, 3), 30, np.uint8), np.full((TINY_SIZE, TINY_SIZE, 3), 220, np.uint8)])
@@ -275,7 +276,7 @@ def test_the_variant_setting_takes_fp32_int8_or_fp16_only(monkeypatch: pytest.Mo
 # -- the command line -------------------------------------------------------------------------
 
 
-def test_cli_quantize(fitted: tuple[ModelRegistry, Path], capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_quantize(fitted: tuple[DirectoryRegistry, Path], capsys: pytest.CaptureFixture[str]) -> None:
     registry, folder = fitted
     home = str(registry.home)
     assert cli_main(["--home", home, "models", "--json"]) == 0
@@ -300,27 +301,29 @@ def test_cli_quantize(fitted: tuple[ModelRegistry, Path], capsys: pytest.Capture
 
 
 def test_a_retrain_of_a_version_with_an_int8_variant_gets_one_with_its_new_head(
-    fitted: tuple[ModelRegistry, Path]
+    fitted: tuple[DirectoryRegistry, Path]
 ) -> None:
     from models.onnx_io import read_head
-    from service.labels import LabelStore
-    from service.retrain import RetrainParams, retrain
+    from models.retrain import RetrainParams
+    from service.retrain import retrain
+    from store.state import open_state
 
     registry, folder = fitted
-    store = LabelStore(registry.home)
+    state = open_state(home=registry.home)
+    store = state.labels
     for label, grays in {"cat": range(0, 100, 7), "dog": range(150, 256, 7)}.items():
         for gray in grays:
             store.add(png(gray), label, max_pixels=10_000)
     # a version without a variant begets one without (served as fp32, with the runtime's warning)
-    plain = retrain(registry.home, RetrainParams(force=True), lambda **_: None, threads=1)
-    assert plain["state"] == "succeeded" and "int8" not in plain["metrics"]
-    assert INT8_ONNX_FILENAME not in registry.get(plain["version"]).manifest_files()
+    plain = retrain(state, registry.home, RetrainParams(force=True), lambda *_: None, threads=1)
+    assert plain.state == "succeeded" and "int8" not in plain.metrics
+    assert INT8_ONNX_FILENAME not in registry.get(plain.version).manifest_files()
 
     quantize_version(registry, "v1", folder, progress=False)
     registry.activate("v1")
-    result = retrain(registry.home, RetrainParams(force=True), lambda **_: None, threads=1)
-    assert result["state"] == "succeeded"
-    child = registry.get(result["version"])
+    result = retrain(state, registry.home, RetrainParams(force=True), lambda *_: None, threads=1)
+    assert result.state == "succeeded"
+    child = registry.get(result.version)
     assert child.info["parent"] == "v1" and registry.active_version() == child.version
     assert INT8_ONNX_FILENAME in child.manifest_files()
     child.verify()
@@ -329,7 +332,7 @@ def test_a_retrain_of_a_version_with_an_int8_variant_gets_one_with_its_new_head(
     assert np.array_equal(weight, int8_weight) and np.array_equal(bias, int8_bias)  # the new head
     parent_weight, _ = read_head(registry.get("v1").int8_onnx_path)
     assert not np.array_equal(weight, parent_weight)
-    figures = result["metrics"]["int8"]
+    figures = result.metrics["int8"]
     assert figures["added"] and figures["from"] == "v1" and figures["check_images"] > 0
     assert figures["int8_accuracy"] >= figures["fp32_accuracy"] - 0.005
     assert json.loads((child.path / INT8_REPORT_FILENAME).read_text()) == figures

@@ -1,4 +1,5 @@
-"""The model registry on a real BentoML store, with a tiny real ONNX model."""
+"""The single-machine model registry (plain directories and a pointer file), with a tiny real
+ONNX model."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import pytest
 
 from models.errors import ModelError, VersionNotFoundError
 from models.onnx_io import check_onnx_contract, cpu_session, run_in_batches
-from models.registry import COMPLETE_MARKER, ModelRegistry
+from store.local.registry import COMPLETE_MARKER, DirectoryRegistry
+from store.registry import ModelRegistry
 from tests.conftest import tiny_spec, write_tiny_onnx
 
 
@@ -30,12 +32,12 @@ def register(registry: ModelRegistry, tmp_path: Path, **overrides: object):
 
 
 def test_round_trip_and_first_version_becomes_active(tmp_path: Path) -> None:
-    registry = ModelRegistry(tmp_path / "home")
-    assert registry.is_empty() and registry.active_version() is None
+    registry = DirectoryRegistry(tmp_path / "home")
+    assert registry.versions() == [] and registry.active_version() is None
     v1 = register(registry, tmp_path)
     assert v1.version == "v1"
     assert registry.active_version() == "v1"
-    again = ModelRegistry(tmp_path / "home").get("v1")  # a fresh instance reads it back
+    again = DirectoryRegistry(tmp_path / "home").get("v1")  # a fresh instance reads it back
     assert again.spec == tiny_spec()
     assert again.metrics == {"accuracy": 0.5}
     assert again.info["dataset_fingerprint"] == "abc"
@@ -48,18 +50,18 @@ def test_round_trip_and_first_version_becomes_active(tmp_path: Path) -> None:
     assert logits.shape == (2, 2) and np.allclose(embedding, 1.0)
 
 
-def test_versions_are_bentoml_models(tmp_path: Path) -> None:
-    import bentoml
-    from bentoml._internal.models import ModelStore
-
-    registry = ModelRegistry(tmp_path / "home")
+def test_versions_are_plain_directories_under_the_home(tmp_path: Path) -> None:
+    registry = DirectoryRegistry(tmp_path / "home")
     register(registry, tmp_path)
-    model = bentoml.models.get("transfer-serve:v1", _model_store=ModelStore(registry.store_path))
-    assert Path(model.path) == registry.get("v1").path
+    path = registry.get("v1").path
+    assert path == tmp_path / "home" / "versions" / "v1"
+    listed = set(json.loads((path / "manifest.json").read_text())["files"])
+    assert {p.name for p in path.iterdir()} == {*listed - {"report/report.md"}, "report", "manifest.json", COMPLETE_MARKER}
+    assert [p.name for p in registry.versions_dir.iterdir()] == ["v1"]  # no staging directory left
 
 
 def test_later_versions_stay_inactive_until_activated(tmp_path: Path) -> None:
-    registry = ModelRegistry(tmp_path / "home")
+    registry = DirectoryRegistry(tmp_path / "home")
     register(registry, tmp_path)
     v2 = register(registry, tmp_path, parent="v1")
     assert [v.version for v in registry.versions()] == ["v1", "v2"]
@@ -74,7 +76,7 @@ def test_later_versions_stay_inactive_until_activated(tmp_path: Path) -> None:
 
 
 def test_register_with_activate_flag(tmp_path: Path) -> None:
-    registry = ModelRegistry(tmp_path / "home")
+    registry = DirectoryRegistry(tmp_path / "home")
     register(registry, tmp_path)
     register(registry, tmp_path, activate=True)
     assert registry.active_version() == "v2"
@@ -82,7 +84,7 @@ def test_register_with_activate_flag(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("name", ["v9", "latest", "../v1", ""])
 def test_unknown_versions_raise_not_found(tmp_path: Path, name: str) -> None:
-    registry = ModelRegistry(tmp_path / "home")
+    registry = DirectoryRegistry(tmp_path / "home")
     register(registry, tmp_path)
     with pytest.raises(VersionNotFoundError):
         registry.get(name)
@@ -94,7 +96,7 @@ def test_unknown_versions_raise_not_found(tmp_path: Path, name: str) -> None:
 def test_an_incomplete_version_is_invisible_its_number_not_reused_and_removed_by_the_next_registration(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    registry = ModelRegistry(tmp_path / "home")
+    registry = DirectoryRegistry(tmp_path / "home")
     register(registry, tmp_path)
     register(registry, tmp_path)
     cut_short = registry.get("v2").path
@@ -103,7 +105,7 @@ def test_an_incomplete_version_is_invisible_its_number_not_reused_and_removed_by
     with pytest.raises(VersionNotFoundError):
         registry.activate("v2")
     assert cut_short.is_dir()  # looking does not delete
-    with caplog.at_level("WARNING", logger="models.registry"):
+    with caplog.at_level("WARNING", logger="store.local.registry"):
         assert register(registry, tmp_path).version == "v3"
     assert not cut_short.exists()  # its disk space is given back
     assert "removing v2: a registration that was cut short" in caplog.text
@@ -113,7 +115,7 @@ def test_an_incomplete_version_is_invisible_its_number_not_reused_and_removed_by
 
 @pytest.mark.parametrize("damaged", ["model.onnx", "spec.json", "embeddings.npy"])
 def test_a_corrupted_version_cannot_be_activated(tmp_path: Path, damaged: str) -> None:
-    registry = ModelRegistry(tmp_path / "home")
+    registry = DirectoryRegistry(tmp_path / "home")
     register(registry, tmp_path)
     v2 = register(registry, tmp_path)
     with (v2.path / damaged).open("r+b") as fh:
@@ -125,14 +127,12 @@ def test_a_corrupted_version_cannot_be_activated(tmp_path: Path, damaged: str) -
 
 
 def test_an_onnx_file_that_contradicts_the_spec_is_not_registered(tmp_path: Path) -> None:
-    registry = ModelRegistry(tmp_path / "home")
+    registry = DirectoryRegistry(tmp_path / "home")
     three_classes = write_tiny_onnx(tmp_path / "three.onnx", num_classes=3)
     with pytest.raises(ModelError, match="logits"):
         register(registry, tmp_path, onnx_file=three_classes)
-    assert registry.is_empty()
-    assert not (registry.store_path / "transfer-serve").exists() or not any(
-        (registry.store_path / "transfer-serve").iterdir()
-    )
+    assert registry.versions() == []
+    assert list(registry.versions_dir.iterdir()) == []
 
 
 def test_check_onnx_contract_rejects_non_onnx_bytes(tmp_path: Path) -> None:
@@ -143,16 +143,16 @@ def test_check_onnx_contract_rejects_non_onnx_bytes(tmp_path: Path) -> None:
 
 
 def test_bad_embeddings_are_refused(tmp_path: Path) -> None:
-    registry = ModelRegistry(tmp_path / "home")
+    registry = DirectoryRegistry(tmp_path / "home")
     with pytest.raises(ModelError, match="embeddings"):
         register(registry, tmp_path, embeddings=np.zeros((4, 5), np.float32))
     with pytest.raises(ModelError, match="index"):
         register(registry, tmp_path, embedding_targets=np.array([0, 1, 2, 0]))
-    assert registry.is_empty()
+    assert registry.versions() == []
 
 
 def test_embeddings_are_never_unpickled(tmp_path: Path) -> None:
-    registry = ModelRegistry(tmp_path / "home")
+    registry = DirectoryRegistry(tmp_path / "home")
     version = register(registry, tmp_path)
     np.save(version.path / "embeddings.npy", np.array([{"evil": 1}], dtype=object), allow_pickle=True)
     with pytest.raises(ModelError, match="embeddings.npy is unreadable.*pickle"):
@@ -168,12 +168,12 @@ def damage(version_path: Path, name: str = "model.onnx") -> None:
         fh.write(b"\x00garbage\x00")
 
 
-def pointer(registry: ModelRegistry) -> dict:
+def pointer(registry: DirectoryRegistry) -> dict:
     return json.loads((registry.home / "active_version.json").read_text())
 
 
-def registry_with(tmp_path: Path, count: int) -> ModelRegistry:
-    registry = ModelRegistry(tmp_path / "home")
+def registry_with(tmp_path: Path, count: int) -> DirectoryRegistry:
+    registry = DirectoryRegistry(tmp_path / "home")
     for _ in range(count):
         register(registry, tmp_path)
     return registry
@@ -241,7 +241,7 @@ def test_workers_falling_back_at_once_agree_and_only_one_moves_the_pointer(tmp_p
     results = []
 
     def worker() -> None:  # each with its own registry and lock file handle, as separate workers have
-        own = ModelRegistry(tmp_path / "home")
+        own = DirectoryRegistry(tmp_path / "home")
         barrier.wait()
         results.append(own.fall_back("v3", "corrupted"))
 
@@ -287,13 +287,13 @@ def test_a_damaged_manifest_fails_verification_with_a_model_error(tmp_path: Path
 
 # -- an inference worker's runtime follows the fall-back (real onnxruntime, tiny model) ----------
 
-def runtime_for(registry: ModelRegistry):
+def runtime_for(registry: DirectoryRegistry):
     from service.runtime import ModelRuntime
     from service.settings import Settings
 
     settings = Settings(home=registry.home, providers="cpu", inference_workers=1, intra_op_threads=1,
                         max_batch_size=2)
-    return ModelRuntime(settings)
+    return ModelRuntime(settings, registry)
 
 
 def errors_logged(caplog: pytest.LogCaptureFixture) -> list[str]:

@@ -14,7 +14,8 @@ from pydantic import ValidationError
 from service.limits import RequestGuard
 from service.predict import Prediction, RequestError, build_predictions, display_name, read_uploads
 from service.providers import CPU, CUDA, TENSORRT, ProviderError, select_providers
-from service.settings import Settings, cpu_count
+from models.hardware import cpu_count
+from service.settings import Settings
 
 
 def settings(**overrides: object) -> Settings:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from models.cores import cgroup_cpu_limit, cpu_count
+from models.hardware import cgroup_cpu_limit, cpu_count
 
 
 def v2(root: Path, cpu_max: str) -> Path:

@@ -1,4 +1,5 @@
-"""How many CPU cores this process may use: its CPU affinity, capped by a cgroup CPU quota.
+"""What this host offers the process: CPU cores (its CPU affinity, capped by a cgroup CPU quota)
+and CUDA GPUs (as the driver reports them).
 
 A container with a CPU limit (``docker run --cpus 2``, a Kubernetes ``limits.cpu``) still sees
 every core of the host in its affinity mask and ``os.cpu_count()``; only the cgroup's quota says
@@ -8,8 +9,10 @@ onnxruntime processes in a 2-CPU pod, each throttled, together out of memory.
 
 from __future__ import annotations
 
+import ctypes
 import math
 import os
+from functools import lru_cache
 from pathlib import Path
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -51,3 +54,21 @@ def cpu_count(cgroup_root: Path = CGROUP_ROOT) -> int:
         cores = os.cpu_count() or 1
     limit = cgroup_cpu_limit(cgroup_root)
     return max(1, min(cores, limit) if limit else cores)
+
+
+@lru_cache(maxsize=1)
+def cuda_device_count() -> int:
+    """GPUs the CUDA driver reports; 0 without a driver or device (no exception, no log spam).
+    Asked of the driver itself, not of onnxruntime: the GPU build of onnxruntime lists the CUDA
+    provider on hosts without any GPU."""
+    try:
+        libcuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return 0
+    count = ctypes.c_int(0)
+    try:
+        if libcuda.cuInit(0) != 0 or libcuda.cuDeviceGetCount(ctypes.byref(count)) != 0:
+            return 0
+    except AttributeError:
+        return 0
+    return count.value

@@ -1,0 +1,177 @@
+"""The label store: images an operator has labelled, kept for head-only retraining.
+
+Uploads (``POST /admin/labels``, ``python -m training import``) are stored by content: an image's
+id is the SHA-256 of its bytes (the client's file name is never used), so the same bytes uploaded
+twice are one image, and uploaded again with another label the image moves to that label. An
+upload of several images is stored all or none: when the state cannot take a write (disk full,
+read-only volume...), :class:`~store.errors.StorageError` says so and nothing of that upload
+remains.
+
+This module holds what every backend shares: the interface (:class:`LabelStore`), the naming
+rules of labels and image ids, and the checks an image passes before anything is written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import unicodedata
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from models.errors import InputError
+from models.preprocess import decode_image
+
+#: A label: 1-64 ASCII letters, digits, spaces, '-', '_' or '.' (see :func:`validate_label`).
+LABEL_PATTERN = r"[A-Za-z0-9 ._-]{1,64}"
+LABEL_RE = re.compile(LABEL_PATTERN)
+MAX_LABEL_LENGTH = 64
+_IMAGE_ID_RE = re.compile(r"[0-9a-f]{64}")
+
+AddStatus = Literal["stored", "moved", "unchanged"]
+
+
+class InvalidLabelError(InputError):
+    """A label that breaks the naming rules of :func:`validate_label`."""
+
+    status_code = 422
+
+
+class ImageNotFoundError(InputError, LookupError):
+    """No stored image has that id (or the id is not a sha256 hex digest at all)."""
+
+    status_code = 404
+
+
+def validate_label(label: str) -> str:
+    """Return ``label`` if it is a valid label, else raise :class:`InvalidLabelError` saying
+    which rule it breaks.
+
+    A label is 1-64 characters from ASCII letters, digits, space, ``-``, ``_`` and ``.``, does
+    not start or end with a space, and is not ``.`` or ``..``. Labels name classes in reports
+    and may name folders, so look-alike Unicode letters, control characters and path
+    separators are refused rather than normalised: the operator sees exactly what is stored.
+    """
+    if not isinstance(label, str):
+        raise InvalidLabelError(f"a label must be text, got {type(label).__name__}")
+    if not label:
+        raise InvalidLabelError("the label is empty; give 1 to 64 characters")
+    if len(label) > MAX_LABEL_LENGTH:
+        raise InvalidLabelError(
+            f"label {label[:20]!r}... is {len(label)} characters long; "
+            f"the most is {MAX_LABEL_LENGTH}"
+        )
+    if not LABEL_RE.fullmatch(label):
+        bad = next(c for c in label if not LABEL_RE.fullmatch(c))
+        raise InvalidLabelError(
+            f"label {label!r} may only contain letters, digits, space, '-', '_' and '.' "
+            f"(found {_describe_char(bad)})"
+        )
+    if label != label.strip(" "):
+        raise InvalidLabelError(f"label {label!r} may not start or end with a space")
+    if label in {".", ".."}:
+        raise InvalidLabelError(f"label {label!r} is not allowed (it names a directory)")
+    return label
+
+
+def _describe_char(char: str) -> str:
+    name = unicodedata.name(char, "")
+    if char.isprintable() and name:
+        return f"{char!r}, U+{ord(char):04X} {name}"
+    return f"U+{ord(char):04X}{' ' + name if name else ''}"
+
+
+def is_image_id(value: object) -> bool:
+    """Whether ``value`` has the form of an image id: 64 lowercase hex digits."""
+    return isinstance(value, str) and _IMAGE_ID_RE.fullmatch(value) is not None
+
+
+@dataclass(frozen=True)
+class CheckedImage:
+    """An upload that decoded as an image within the pixel limit: its id, bytes and size."""
+
+    image_id: str
+    data: bytes
+    width: int
+    height: int
+
+
+def check_images(blobs: Sequence[bytes], *, max_pixels: int) -> list[CheckedImage]:
+    """Decode every upload (nothing is stored unless all pass).
+
+    Raises:
+        ImageDecodeError: the bytes are not a readable image.
+        ImageTooLargeError: the image has more than ``max_pixels`` pixels.
+    """
+    checked = []
+    for data in blobs:
+        width, height = decode_image(data, max_pixels=max_pixels).size
+        checked.append(CheckedImage(hashlib.sha256(data).hexdigest(), data, width, height))
+    return checked
+
+
+@dataclass(frozen=True)
+class AddResult:
+    """What :meth:`LabelStore.add_many` did with one upload.
+
+    ``status`` is ``"stored"`` (a new image), ``"moved"`` (these bytes were stored under
+    ``previous_label`` and now have ``label``) or ``"unchanged"`` (already stored with ``label``).
+    """
+
+    image_id: str
+    label: str
+    status: AddStatus
+    previous_label: str | None
+    width: int
+    height: int
+
+
+@dataclass(frozen=True)
+class LabelledImage:
+    """One stored image: its id (sha256 hex) and label."""
+
+    image_id: str
+    label: str
+
+
+class LabelStore(ABC):
+    """Labelled images. Safe to use from many threads and processes at once."""
+
+    def add(self, data: bytes, label: str, *, max_pixels: int) -> AddResult:
+        """:meth:`add_many` of one image."""
+        return self.add_many([data], label, max_pixels=max_pixels)[0]
+
+    @abstractmethod
+    def add_many(self, blobs: Sequence[bytes], label: str, *, max_pixels: int) -> list[AddResult]:
+        """Store images under ``label``, deduplicated by content, all or none. The same bytes
+        twice in ``blobs`` are one image (the second is ``"unchanged"``).
+
+        Raises:
+            InvalidLabelError: the label breaks the naming rules.
+            ImageDecodeError, ImageTooLargeError: an upload fails :func:`check_images` (checked
+                before anything is written).
+            StorageError: the state cannot take the write; nothing was stored.
+        """
+
+    @abstractmethod
+    def delete(self, image_id: str) -> bool:
+        """Remove an image. False if there is no such image, including for anything that is not
+        a well-formed image id."""
+
+    @abstractmethod
+    def counts(self) -> dict[str, int]:
+        """Number of images per label, labels in sorted order."""
+
+    @abstractmethod
+    def images(self) -> list[LabelledImage]:
+        """Every stored image, ordered by id."""
+
+    @abstractmethod
+    def read(self, image_id: str) -> bytes:
+        """The stored image's bytes.
+
+        Raises:
+            ImageNotFoundError: no image with that id is stored.
+        """
