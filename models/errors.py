@@ -13,9 +13,8 @@ class TransferServeError(Exception):
 
 
 class InputError(TransferServeError, ValueError):
-    """Bad input from a caller (an upload, a data folder, an argument). Maps to a 4xx."""
-
-    status_code = 400
+    """Bad input from a caller (an upload, a data folder, an argument): the service answers a
+    4xx with its message (service/errors.py says which)."""
 
 
 class ImageDecodeError(InputError):
@@ -24,8 +23,6 @@ class ImageDecodeError(InputError):
 
 class ImageTooLargeError(InputError):
     """The image has more pixels than the configured limit (a decompression-bomb guard)."""
-
-    status_code = 413
 
 
 class DatasetError(InputError):

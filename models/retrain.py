@@ -38,9 +38,7 @@ class RetrainParams(BaseModel):
 
 
 class RetrainRefused(InputError):
-    """The store does not hold enough to train on (422)."""
-
-    status_code = 422
+    """The store does not hold enough to train on."""
 
 
 @dataclass(frozen=True)

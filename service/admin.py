@@ -1,40 +1,55 @@
 """The admin API, mounted at ``/admin`` on the HTTP service: label store, retrain jobs, model
-versions. A Starlette app (BentoML APIs are POST-only; these routes need GET, DELETE and path
-parameters), behind one bearer-token middleware that guards every route.
+versions.
+
+A FastAPI app: each route declares its response model (the class it returns) and every status it
+answers, so the OpenAPI document is generated from the routes (BentoML merges a mounted FastAPI
+app's document into ``/docs.json``). FastAPI's own answers are mapped onto the API's contract:
+its validation errors, 404s and 405s become the same ``{"error": ...}`` bodies and status codes as
+every other refusal (:mod:`service.errors`). One ASGI middleware checks the bearer token on every
+request, unknown routes included, before any route runs.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: FastAPI reads the routes' annotations at run time, and
+# some refer to fields built from the settings inside create_admin_app.
 import asyncio
-import contextlib
 import hmac
-import json
 import logging
-from collections.abc import Awaitable, Callable
-from typing import Any
+from enum import Enum
+from typing import Annotated, Any
 
-from pydantic import ValidationError
-from starlette.applications import Starlette
-from starlette.datastructures import UploadFile
+from fastapi import Body, FastAPI, File, Form, Path, Request, Security, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.security import HTTPBearer
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
 from starlette.responses import JSONResponse
-from starlette.routing import Match, Route
+from starlette.routing import Match
 
 from models.errors import InputError, ModelError, VersionNotFoundError
-from models.preprocess import decode_image
+from models.preprocess import SUPPORTED_FORMATS
 from models.retrain import RetrainParams, RetrainRefused
 from store.errors import BACKEND_ERRORS, StorageError, storage_failure
-from store.jobs import JobConflict
-from store.labels import validate_label
-from store.state import State, open_state
+from store.jobs import Job, JobConflict
+from store.labels import LABEL_PATTERN, MAX_LABEL_LENGTH, CheckedImage, check_image, validate_label
+from store.state import State
 
+from .errors import GUARDED, ApiError, Error, Send, api_error, documented, routing_error, send_error
 from .jobs import launch, retrainable_parent
-from .limits import send_json
-from .predict import display_name
-from .settings import Settings, get_settings
+from .limits import display_name
+from .schemas import (
+    Activated,
+    LabelDeleted,
+    LabelsStored,
+    LabelSummary,
+    ModelList,
+    ModelSummary,
+    StoredImage,
+)
+from .settings import Settings
 
 log = logging.getLogger(__name__)
+
+SECURITY_SCHEME = "adminToken"
+TAGS: list[str | Enum] = ["Admin"]
 
 
 class AdminAuth:
@@ -47,228 +62,113 @@ class AdminAuth:
         self.app = app
         self._token = token.encode() if token else None
 
-    async def refused(self, scope: dict[str, Any], send: Any, *, close: bool = False) -> bool:
+    async def refused(self, scope: dict[str, Any], send: Send, *, close: bool = False) -> bool:
         """Answer 401 or 403 and return True unless the request carries the token. ``close``:
         end the connection after the answer (the request's body is left unread)."""
         if self._token is None:
-            await send_json(send, 403, {"error": "the admin API is disabled: set TRANSFER_SERVE_ADMIN_TOKEN "
-                                                 "on the server to enable it"}, close=close)
+            await send_error(send, ApiError(403, "the admin API is disabled: set TRANSFER_SERVE_ADMIN_TOKEN on "
+                                                 "the server to enable it"), close=close)
             return True
         header = dict(scope.get("headers") or []).get(b"authorization", b"")
         scheme, _, credentials = header.partition(b" ")
         if not header or scheme.lower() != b"bearer" or not credentials.strip():
-            await send_json(send, 401, {"error": "missing bearer token: send the header Authorization: Bearer <token>"},
-                            close=close, headers=[(b"www-authenticate", b"Bearer")])
+            await send_error(send, ApiError(401, "missing bearer token: send the header Authorization: Bearer <token>"),
+                             close=close, headers=[(b"www-authenticate", b"Bearer")])
             return True
         if not hmac.compare_digest(credentials.strip(), self._token):
-            await send_json(send, 403, {"error": "wrong admin token"}, close=close)
+            await send_error(send, ApiError(403, "wrong admin token"), close=close)
             return True
         return False
 
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Send) -> None:
         if scope["type"] == "http" and await self.refused(scope, send):
             return
         await self.app(scope, receive, send)
 
 
-def error(status: int, message: str, **extra: Any) -> JSONResponse:
-    return JSONResponse({"error": message, **extra}, status_code=status)
+def admin_token(settings: Settings) -> str | None:
+    return settings.admin_token.get_secret_value() if settings.admin_token else None
 
 
-def storage_error(exc: StorageError, outcome: str) -> JSONResponse:
+def admin_gate(settings: Settings, prefix: str = "/admin") -> Any:
+    """For the request guard: refuse a request under ``prefix`` without the admin token before
+    its body is read (closing the connection, so the unread body is not drained either)."""
+    auth = AdminAuth(None, admin_token(settings))
+
+    async def gate(scope: dict[str, Any], send: Send) -> bool:
+        path = scope["path"]
+        if path != prefix and not path.startswith(prefix + "/"):
+            return False
+        return await auth.refused(scope, send, close=True)
+
+    return gate
+
+
+def storage_error(exc: StorageError, outcome: str) -> ApiError:
     """507 Insufficient Storage for a write the state directory could not take: what failed,
     ``outcome`` (what was and was not done), and what the operator should do. Logged, since the
     operator may not be the one who sent the request."""
     log.error("%s; %s", exc, outcome)
-    return error(507, f"{exc.operation} failed: the state directory {exc.problem} ({exc.cause}); "
-                      f"{outcome}. To fix: {exc.hint}, then send the request again.")
+    return ApiError(507, f"{exc.operation} failed: the state directory {exc.problem} ({exc.cause}); "
+                         f"{outcome}. To fix: {exc.hint}, then send the request again.")
 
 
-class Admin:
-    """Route handlers; stores are opened per process on first use."""
+def _id_parameter(description: str, pattern: str, example: str) -> Any:
+    # the pattern documents the form of real ids; the routes take any string (404 if unknown)
+    return Path(description=description, json_schema_extra={"pattern": pattern}, examples=[example])
 
-    def __init__(self, settings: Settings, state: State) -> None:
-        self.settings = settings
-        self.state = state
 
-    # -- labels -------------------------------------------------------------------------------
+ImageId = Annotated[str, _id_parameter("a labelled image's id, as POST /admin/labels returned it",
+                                       "^[0-9a-f]{64}$", "0" * 64)]
+JobId = Annotated[str, _id_parameter("a retrain job's id, as POST /admin/retrain returned it",
+                                     "^[0-9a-f]{32}$", "0" * 32)]
+Version = Annotated[str, _id_parameter("a model version", "^v[0-9]+$", "v1")]
 
-    async def add_labels(self, request: Request) -> JSONResponse:
-        form = await request.form(max_files=self.settings.max_files + 1)
-        try:
-            label = form.get("label")
-            if not isinstance(label, str):
-                return error(422, "missing form field 'label' (the images' class name)")
-            try:
-                validate_label(label)
-            except InputError as exc:
-                return error(422, str(exc))
-            files = [f for f in form.getlist("images") if isinstance(f, UploadFile)]
-            if not files:
-                return error(400, "no images: send one or more files in the multipart field 'images'")
-            if len(files) > self.settings.max_files:
-                return error(413, f"{len(files)} images in one request; the limit is {self.settings.max_files}")
-            blobs = []
-            for index, upload in enumerate(files):  # validate all before storing any
-                data = await upload.read()
-                name = display_name(upload.filename or f"image-{index}")
-                if not data:
-                    return error(400, f"image {index} ('{name}') is empty", image=index, filename=name)
-                if len(data) > self.settings.max_file_bytes:
-                    return error(413, f"image {index} ('{name}') is {len(data)} bytes; the limit is "
-                                      f"{self.settings.max_file_bytes} bytes", image=index, filename=name)
-                try:
-                    await asyncio.to_thread(decode_image, data, max_pixels=self.settings.max_pixels)
-                except InputError as exc:
-                    status = 413 if getattr(exc, "status_code", 400) == 413 else 422
-                    return error(status, f"image {index} ('{name}'): {exc}", image=index, filename=name)
-                blobs.append((name, data))
-        finally:
-            await form.close()
-        try:  # all or none: a write the state directory cannot take leaves nothing behind
-            results = await asyncio.to_thread(self.state.labels.add_many, [data for _, data in blobs], label,
-                                              max_pixels=self.settings.max_pixels)
-        except StorageError as exc:  # disk full, read-only volume: the operator must act
-            return storage_error(exc, f"none of the {len(blobs)} image(s) of this request was stored")
-        counts = await asyncio.to_thread(self.state.labels.counts)
-        stored = []
-        for (name, _), result in zip(blobs, results):
-            entry = {"image_id": result.image_id, "label": result.label, "status": result.status, "filename": name}
-            if result.status == "moved":
-                entry["previous_label"] = result.previous_label
-                entry["note"] = f"these bytes were labelled '{result.previous_label}'; now '{result.label}'"
-            stored.append(entry)
-        return JSONResponse({"stored": stored, "counts": counts})
 
-    def _not_in_active(self) -> tuple[str | None, int]:
-        active = self.state.registry.active()
-        known = set(active.training_hashes()) if active else set()
-        ids = [image.image_id for image in self.state.labels.images()]
-        return (active.version if active else None), sum(1 for i in ids if i not in known)
+# -- the framework's own answers, mapped onto the API's contract ------------------------------------
 
-    async def list_labels(self, request: Request) -> JSONResponse:
-        counts = self.state.labels.counts()
-        try:
-            active, pending = await asyncio.to_thread(self._not_in_active)
-        except ModelError as exc:  # the counts stand; what the active model knows cannot be told
-            log.warning("GET /admin/labels: %s", exc)
-            active, pending = None, None
-        return JSONResponse({"counts": counts, "total": sum(counts.values()),
-                             "not_in_active_model": pending, "active_version": active})
+async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+    return exc.response()
 
-    async def delete_label(self, request: Request) -> JSONResponse:
-        image_id = request.path_params["image_id"]
-        if not await asyncio.to_thread(self.state.labels.delete, image_id):
-            return error(404, f"no labelled image '{display_name(image_id)}'")
-        return JSONResponse({"deleted": image_id, "counts": self.state.labels.counts()})
 
-    # -- retrain jobs -------------------------------------------------------------------------
+#: A required form field FastAPI found missing: the status and message the contract gives it.
+_MISSING_FIELDS = {
+    "images": ApiError(400, "no images: send one or more files in the multipart field 'images'"),
+    "label": ApiError(422, "missing form field 'label' (the images' class name)"),
+}
 
-    async def start_retrain(self, request: Request) -> JSONResponse:
-        body = await request.body()
-        try:
-            params = RetrainParams.model_validate(json.loads(body) if body.strip() else {})
-        except (ValueError, ValidationError) as exc:
-            detail = exc.errors(include_context=False, include_input=False) if isinstance(exc, ValidationError) else str(exc)
-            return error(422, "invalid retrain parameters", detail=detail)
-        try:
-            parent = await asyncio.to_thread(retrainable_parent, self.state.registry, self.state.labels)
-            job = await asyncio.to_thread(self.state.jobs.create, params.model_dump(), parent.version)
-        except RetrainRefused as exc:
-            return error(422, str(exc))
-        except JobConflict as exc:
-            return error(409, str(exc), job=exc.job.model_dump())
-        except ModelError as exc:  # the active version is damaged: nothing to retrain from
-            return error(409, f"cannot retrain from the active model version: {exc}; activate a good "
-                              "version (GET /admin/models) and retry")
-        except (StorageError, *BACKEND_ERRORS) as exc:  # a write the state cannot take is the operator's: 507
-            failure = storage_failure(exc, "starting the retrain job")
-            if failure is None:
-                raise
-            return storage_error(failure, "no job was started")
-        try:
-            pid = launch(self.state.jobs, self.settings.home, job.id)
-        except OSError as exc:  # the job's log file cannot be created (or no process can start)
-            failure = storage_failure(exc, "starting the retrain job")
-            reason = str(failure or f"the retrain process could not be started: {exc}")
-            with contextlib.suppress(*BACKEND_ERRORS):
-                await asyncio.to_thread(self.state.jobs.fail, job.id, reason)
-            if failure is None:
-                raise
-            return storage_error(failure, f"job {job.id} did not start (it is marked failed)")
-        try:
-            await asyncio.to_thread(self.state.jobs.set_pid, job.id, pid)
-        except BACKEND_ERRORS as exc:
-            failure = storage_failure(exc, "recording the retrain job's process")
-            if failure is None:
-                raise
-            # the job cannot record its progress either: it fails, and is marked failed once gone
-            return storage_error(failure, f"job {job.id} cannot run and will be marked failed")
-        log.info("retrain job %s started (pid %d)", job.id, pid)
-        return JSONResponse((self.state.jobs.get(job.id) or job).model_dump(), status_code=202)
 
-    async def get_job(self, request: Request) -> JSONResponse:
-        job = await asyncio.to_thread(self.state.jobs.get, request.path_params["job_id"])
-        if job is None:
-            return error(404, f"no retrain job '{display_name(request.path_params['job_id'])}'")
-        return JSONResponse(job.model_dump())
-
-    # -- model versions -----------------------------------------------------------------------
-
-    async def list_models(self, request: Request) -> JSONResponse:
-        try:
-            pointer = self.state.registry.active_pointer()
-        except ModelError as exc:
-            log.error("%s", exc)
-            pointer = None
-        active = pointer.version if pointer else None
-        versions = []
-        for version in self.state.registry.versions():
-            try:
-                summary = version.summary()
-            except ModelError as exc:  # a damaged version is listed, with what is wrong with it
-                versions.append({"version": version.version, "active": version.version == active, "error": str(exc)})
-                continue
-            versions.append({key: summary[key] for key in ("version", "created_at", "labels", "metrics", "parent")}
-                            | {"active": version.version == active, "strategy": summary["strategy"]})
-        body: dict[str, Any] = {"active": active, "versions": versions}
-        if pointer and pointer.fallback_from:  # why the active version is not the one activated
-            body["fallback_from"] = dict(pointer.fallback_from)
-        return JSONResponse(body)
-
-    async def activate(self, request: Request) -> JSONResponse:
-        version = request.path_params["version"]
-        try:
-            await asyncio.to_thread(self.state.registry.activate, version)
-        except VersionNotFoundError as exc:
-            return error(404, str(exc))
-        except ModelError as exc:
-            return error(409, f"version {display_name(version)} cannot be activated: {exc}")
-        return JSONResponse({"active": version})
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """FastAPI's 422 ``{"detail": [...]}``: a missing upload field as the contract words it, any
+    other invalid input as a 422 naming what is wrong (``detail``: pydantic's list, without the
+    echoed input)."""
+    errors = exc.errors()
+    for error in errors:
+        field = error.get("loc", ())[-1:]
+        if error.get("type") == "missing" and field and field[0] in _MISSING_FIELDS:
+            return _MISSING_FIELDS[field[0]].response()
+    detail = [{"loc": [part for part in error.get("loc", ()) if part != "body"], "msg": error.get("msg"),
+               "type": error.get("type")} for error in errors]
+    what = "retrain parameters" if request.url.path.endswith("/retrain") else "request"
+    return ApiError(422, f"invalid {what}", detail=detail).response()
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
-    """Starlette's own refusals (no such route, a method the route does not take) as JSON
-    bodies like every other error, not its plain-text default."""
+    """The router's refusals (no such route, a method the route does not take) as the same
+    bodies as BentoML's router gives (service/openapi.py)."""
     status = exc.status_code if isinstance(exc, HTTPException) else 400
-    headers = exc.headers if isinstance(exc, HTTPException) else None
-    if status == 404:
-        message = f"no admin route {request.url.path}: GET /docs.json lists the routes"
-    elif status == 405:
-        # one Route per method here, and Starlette's Allow names only the first that matched the path
-        allowed = ", ".join(sorted({method for route in request.app.routes
-                                    if route.matches(request.scope)[0] != Match.NONE
-                                    for method in getattr(route, "methods", None) or ()} - {"HEAD"}))
-        headers = {"Allow": allowed}
-        message = f"{request.method} is not allowed on {request.url.path}; it takes {allowed}"
-    else:
-        message = exc.detail if isinstance(exc, HTTPException) else str(exc)
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
+    if status not in (404, 405):
+        return ApiError(status, exc.detail if isinstance(exc, HTTPException) else str(exc)).response()
+    # one route per method here, and Starlette's Allow names only the first that matched the path
+    allowed = ", ".join(sorted({method for route in request.app.routes
+                                if route.matches(request.scope)[0] != Match.NONE
+                                for method in getattr(route, "methods", None) or ()} - {"HEAD"}))
+    return routing_error(status, request.method, request.url.path, allowed).response()
 
 
 async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
     log.exception("admin route %s failed", request.url.path, exc_info=exc)
-    return error(500, "internal error; the server log has the details")
+    return ApiError(500, "internal error; the server log has the details").response()
 
 
 async def _storage_or_internal_error(request: Request, exc: Exception) -> JSONResponse:
@@ -278,38 +178,194 @@ async def _storage_or_internal_error(request: Request, exc: Exception) -> JSONRe
     if failure is None:
         return await _internal_error(request, exc)
     log.error("admin route %s: %s", request.url.path, failure, exc_info=exc)
-    return error(507, f"{failure}. The request did not complete: fix the state directory, then send it again.")
+    return ApiError(507, f"{failure}. The request did not complete: fix the state directory, then send it "
+                         "again.").response()
 
 
-def create_admin_app(settings: Settings | None = None, state: State | None = None) -> Any:
-    settings = settings or get_settings()
-    admin = Admin(settings, state or open_state(settings))
-    app = Starlette(routes=[
-        Route("/labels", admin.add_labels, methods=["POST"]),
-        Route("/labels", admin.list_labels, methods=["GET"]),
-        Route("/labels/{image_id}", admin.delete_label, methods=["DELETE"]),
-        Route("/retrain", admin.start_retrain, methods=["POST"]),
-        Route("/jobs/{job_id}", admin.get_job, methods=["GET"]),
-        Route("/models", admin.list_models, methods=["GET"]),
-        Route("/models/{version}/activate", admin.activate, methods=["POST"]),
-    ], exception_handlers={HTTPException: _http_error, StorageError: _storage_or_internal_error,
-                           **dict.fromkeys(BACKEND_ERRORS, _storage_or_internal_error), Exception: _internal_error})
-    return AdminAuth(app, admin_token(settings))
+def create_admin_app(settings: Settings, state: State) -> FastAPI:
+    """The admin app for ``settings`` on the stores of ``state``, token check included."""
+    bearer = HTTPBearer(scheme_name=SECURITY_SCHEME, auto_error=False,
+                        description="the server's TRANSFER_SERVE_ADMIN_TOKEN; admin routes answer 401 without a "
+                                    "token, 403 with a wrong one or when the server has none")
+    app = FastAPI(title="transfer-serve admin", openapi_url=None, docs_url=None, redoc_url=None,
+                  dependencies=[Security(bearer)], responses=documented(401, 403, 507),
+                  exception_handlers={
+                      ApiError: _api_error, RequestValidationError: _validation_error, HTTPException: _http_error,
+                      StorageError: _storage_or_internal_error,
+                      **dict.fromkeys(BACKEND_ERRORS, _storage_or_internal_error), Exception: _internal_error})
+    images_field = File(
+        description=f"one or more image files ({', '.join(SUPPORTED_FORMATS)}; at most {settings.max_files}, "
+                    f"{settings.max_file_bytes} bytes each), checked as /predict checks them; all are checked "
+                    "before any is stored",
+        # format binary, as /predict's files are documented (and fuzzed), not FastAPI's contentMediaType
+        json_schema_extra={"minItems": 1, "maxItems": settings.max_files,
+                           "items": {"type": "string", "format": "binary"}})
+    label_field = Form(
+        description="the images' class: 1-64 ASCII letters, digits, space, '-', '_', '.'; no leading or trailing "
+                    "space; not '.' or '..' (422 otherwise)",
+        json_schema_extra={"minLength": 1, "maxLength": MAX_LABEL_LENGTH, "pattern": LABEL_PATTERN})
 
+    @app.post("/labels", operation_id="admin_add_labels", summary="Label images", tags=TAGS,
+              response_model=LabelsStored, response_model_exclude_unset=True,
+              responses={200: {"description": "Stored, deduplicated by content", "links": {
+                  "DeleteLabelledImage": {"operationId": "admin_delete_label",
+                                          "parameters": {"image_id": "$response.body#/stored/0/image_id"}}}},
+                         **documented(*GUARDED, 422,
+                                      s400="Malformed multipart body; no images; an empty file; a file in a "
+                                           "field other than `images`, or text in `images`",
+                                      s422="Missing or invalid label, or a file that is not a readable image")})
+    async def add_labels(label: Annotated[str, label_field],
+                         images: Annotated[list[UploadFile], images_field]) -> LabelsStored:
+        try:
+            validate_label(label)
+        except InputError as exc:
+            raise api_error(exc) from None
+        names, checked = [], []
+        for index, upload in enumerate(images):  # all checked before any is stored
+            names.append(display_name(upload.filename or f"image-{index}"))
+            data = await upload.read()
+            try:
+                checked.append(await asyncio.to_thread(check_image, data, max_pixels=settings.max_pixels))
+            except InputError as exc:
+                raise api_error(exc, image=index, filename=names[-1]) from None
+        results = await _store_labels(checked, label)
+        counts = await asyncio.to_thread(state.labels.counts)
+        return LabelsStored(stored=[StoredImage.of(result, name) for name, result in zip(names, results)],
+                            counts=counts)
 
-def admin_token(settings: Settings) -> str | None:
-    return settings.admin_token.get_secret_value() if settings.admin_token else None
+    async def _store_labels(checked: list[CheckedImage], label: str) -> Any:
+        try:  # all or none: a write the state directory cannot take leaves nothing behind
+            return await asyncio.to_thread(state.labels.add_many, checked, label)
+        except StorageError as exc:  # disk full, read-only volume: the operator must act
+            raise storage_error(exc, f"none of the {len(checked)} image(s) of this request was stored") from None
 
+    def _not_in_active() -> tuple[str | None, int]:
+        active = state.registry.active()
+        known = set(active.training_hashes()) if active else set()
+        ids = [image.image_id for image in state.labels.images()]
+        return (active.version if active else None), sum(1 for i in ids if i not in known)
 
-def admin_gate(settings: Settings, prefix: str = "/admin") -> Callable[..., Awaitable[bool]]:
-    """For the request guard: refuse a request under ``prefix`` without the admin token before
-    its body is read (closing the connection, so the unread body is not drained either)."""
-    auth = AdminAuth(None, admin_token(settings))
+    @app.get("/labels", operation_id="admin_list_labels", summary="Label counts", tags=TAGS,
+             response_model=LabelSummary, responses={200: {"description": "Images per label"}})
+    async def list_labels() -> LabelSummary:
+        counts = await asyncio.to_thread(state.labels.counts)
+        try:
+            active, pending = await asyncio.to_thread(_not_in_active)
+        except ModelError as exc:  # the counts stand; what the active model knows cannot be told
+            log.warning("GET /admin/labels: %s", exc)
+            active, pending = None, None
+        return LabelSummary(counts=counts, total=sum(counts.values()), not_in_active_model=pending,
+                            active_version=active)
 
-    async def gate(scope: dict[str, Any], send: Any) -> bool:
-        path = scope["path"]
-        if path != prefix and not path.startswith(prefix + "/"):
-            return False
-        return await auth.refused(scope, send, close=True)
+    @app.delete("/labels/{image_id}", operation_id="admin_delete_label", summary="Delete a labelled image",
+                tags=TAGS, response_model=LabelDeleted,
+                responses={200: {"description": "Deleted"}, **documented(404, s404="No labelled image with that id")})
+    async def delete_label(image_id: ImageId) -> LabelDeleted:
+        if not await asyncio.to_thread(state.labels.delete, image_id):
+            raise ApiError(404, f"no labelled image '{display_name(image_id)}'")
+        return LabelDeleted(deleted=image_id, counts=await asyncio.to_thread(state.labels.counts))
 
-    return gate
+    @app.post("/retrain", operation_id="admin_start_retrain", summary="Start a head-only retrain job", tags=TAGS,
+              status_code=202, response_model=Job,
+              responses={202: {"description": "The job, queued", "links": {
+                  "GetRetrainJob": {"operationId": "admin_get_job", "parameters": {"job_id": "$response.body#/id"}}}},
+                         409: {"model": Error, "description": "A job is already queued or running (it is "
+                               "in `job`)", "links": {"GetRunningJob": {
+                                   "operationId": "admin_get_job", "parameters": {"job_id": "$response.body#/job/id"}}}},
+                         **documented(*GUARDED, 422, s422="Invalid parameters, or nothing to train on (no labels, "
+                                                          "one class, a label with fewer than 2 images)")})
+    async def start_retrain(params: Annotated[RetrainParams | None, Body()] = None) -> Job:
+        params = params or RetrainParams()
+        try:
+            parent = await asyncio.to_thread(retrainable_parent, state.registry, state.labels)
+            job = await asyncio.to_thread(state.jobs.create, params.model_dump(), parent.version)
+        except RetrainRefused as exc:
+            raise api_error(exc) from None
+        except JobConflict as exc:
+            raise ApiError(409, str(exc), job=exc.job.model_dump()) from None
+        except ModelError as exc:  # the active version is damaged: nothing to retrain from
+            raise ApiError(409, f"cannot retrain from the active model version: {exc}; activate a good version "
+                                "(GET /admin/models) and retry") from None
+        except (StorageError, *BACKEND_ERRORS) as exc:  # a write the state cannot take is the operator's
+            failure = storage_failure(exc, "starting the retrain job")
+            if failure is None:
+                raise
+            raise storage_error(failure, "no job was started") from None
+        try:
+            pid = launch(state.jobs, settings.home, job.id)
+        except OSError as exc:  # the job's log file cannot be created (or no process can start)
+            failure = storage_failure(exc, "starting the retrain job")
+            reason = str(failure or f"the retrain process could not be started: {exc}")
+            try:
+                await asyncio.to_thread(state.jobs.fail, job.id, reason)
+            except BACKEND_ERRORS:
+                log.warning("could not mark retrain job %s failed (%s)", job.id, reason)
+            if failure is None:
+                raise
+            raise storage_error(failure, f"job {job.id} did not start (it is marked failed)") from None
+        try:
+            await asyncio.to_thread(state.jobs.set_pid, job.id, pid)
+        except BACKEND_ERRORS as exc:
+            failure = storage_failure(exc, "recording the retrain job's process")
+            if failure is None:
+                raise
+            # the job cannot record its progress either: it fails, and is marked failed once gone
+            raise storage_error(failure, f"job {job.id} cannot run and will be marked failed") from None
+        log.info("retrain job %s started (pid %d)", job.id, pid)
+        return await asyncio.to_thread(state.jobs.get, job.id) or job
+
+    @app.get("/jobs/{job_id}", operation_id="admin_get_job", summary="A retrain job", tags=TAGS,
+             response_model=Job,
+             responses={200: {"description": "The job"}, **documented(404, s404="No job with that id")})
+    async def get_job(job_id: JobId) -> Job:
+        job = await asyncio.to_thread(state.jobs.get, job_id)
+        if job is None:
+            raise ApiError(404, f"no retrain job '{display_name(job_id)}'")
+        return job
+
+    @app.get("/models", operation_id="admin_list_models", summary="Model versions", tags=TAGS,
+             response_model=ModelList, response_model_exclude_unset=True,
+             responses={200: {"description": "Every version, oldest first", "links": {"ActivateVersion": {
+                 "operationId": "admin_activate", "parameters": {"version": "$response.body#/versions/0/version"}}}}})
+    async def list_models() -> ModelList:
+        return await asyncio.to_thread(_model_list)
+
+    def _model_list() -> ModelList:
+        try:
+            pointer = state.registry.active_pointer()
+        except ModelError as exc:
+            log.error("%s", exc)
+            pointer = None
+        active = pointer.version if pointer else None
+        versions = []
+        for version in state.registry.versions():
+            try:
+                summary = version.summary()
+            except ModelError as exc:  # a damaged version is listed, with what is wrong with it
+                versions.append(ModelSummary(version=version.version, active=version.version == active, error=str(exc)))
+                continue
+            versions.append(ModelSummary(
+                version=version.version, active=version.version == active, created_at=summary["created_at"],
+                labels=summary["labels"], metrics=summary["metrics"], parent=summary["parent"],
+                strategy=summary["strategy"]))
+        listing = ModelList(active=active, versions=versions)
+        if pointer and pointer.fallback_from:  # why the active version is not the one activated
+            listing.fallback_from = dict(pointer.fallback_from)
+        return listing
+
+    @app.post("/models/{version}/activate", operation_id="admin_activate", summary="Promote or roll back to a version",
+              tags=TAGS, response_model=Activated,
+              responses={200: {"description": "Now active"},
+                         **documented(*GUARDED, 404, 409, s404="No such version",
+                                      s409="The version's files fail their checksums or the model contract")})
+    async def activate(version: Version) -> Activated:
+        try:
+            await asyncio.to_thread(state.registry.activate, version)
+        except VersionNotFoundError as exc:
+            raise ApiError(404, str(exc)) from None
+        except ModelError as exc:
+            raise ApiError(409, f"version {display_name(version)} cannot be activated: {exc}") from None
+        return Activated(active=version)
+
+    app.add_middleware(AdminAuth, token=admin_token(settings))
+    return app

@@ -21,14 +21,15 @@ import numpy as np
 from pydantic import Field
 
 from models.errors import InputError, ModelError
-from models.preprocess import decode_and_crop
+from models.preprocess import SUPPORTED_FORMATS, decode_and_crop
 from models.spec import ModelSpec
 from store.state import open_state
 
 from .admin import admin_gate, create_admin_app
-from .limits import RequestGuard
+from .errors import GUARDED, STATUS_TEXT, ApiError, api_error
+from .limits import RequestGuard, display_name
 from .openapi import JSONRoutingErrors, OpenAPIDocument
-from .predict import Prediction, RequestError, build_predictions, image_error, read_uploads
+from .predict import Prediction, build_predictions
 from .settings import get_settings
 
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
@@ -44,16 +45,14 @@ state = open_state(settings)  # each store opens on first use, in the process th
     name="transfer_serve_inference",
     workers=settings.inference_workers,
     traffic={"timeout": 60},
-    # BentoML 1.4.31+ recycles the caller's connection pool every 100 requests / 300 s and
-    # aborts the calls in flight on it (measured: ~20% of /infer calls under load, each one
-    # retried). Connections to our own inference worker need no recycling.
+    # The three settings below keep the internal /infer call cheap; what each cost is measured in
+    # bench/README.md, "Serving choices measured on the way".
+    # BentoML 1.4.31+ recycles the caller's connection pool every 100 requests / 300 s and aborts
+    # the calls in flight on it; connections to our own inference worker need no recycling.
     runner_connection={"max_requests": 10**9, "max_age": 1e9},
-    # one access-log line per internal /infer call cost ~5% of the throughput (measured); the
-    # HTTP service logs every client request already
+    # no access-log line per internal call: the HTTP service logs every client request already
     logging={"access": {"enabled": False}},
-    # nor an OpenTelemetry span per internal call: with it, 20 % of an inference worker's busy
-    # samples (waits in epoll left out) were outside onnxruntime, without it 12 % (py-spy, under
-    # load); /predict is traced
+    # nor an OpenTelemetry span per internal call; /predict is traced
     tracing={"excluded_urls": ["/infer"]},
 )
 class Inference:
@@ -90,8 +89,19 @@ def _readable_spec(version: str) -> ModelSpec:
         return _spec_of(version)
     except ModelError as exc:
         log.warning("model version %s cannot be used: %s", version, exc)
-        raise RequestError(503, f"model version {version} is damaged (the server log says how); the "
+        raise ApiError(503, f"model version {version} is damaged (the server log says how); the "
                                 "service is switching to the last good version: retry shortly") from None
+
+
+#: What /predict answers besides 200, for its entry in the API document (BentoML's decorator
+#: declares no error responses): the request guard's refusals and the route's own.
+PREDICT_ERRORS = {
+    **{status: STATUS_TEXT[status] for status in GUARDED},
+    400: "Malformed multipart body; no files; an empty file; `images` sent as text; a file in another field; "
+         "`top_k` not an integer >= 1",
+    422: "A file that is not a readable image (named by `image` and `filename`)",
+    503: STATUS_TEXT[503],
+}
 
 
 @bentoml.service(
@@ -124,10 +134,10 @@ class TransferServe:
             version = self.registry.active_version()
         except ModelError as exc:
             log.warning("%s", exc)
-            raise RequestError(503, "the active model pointer is unreadable; the service is switching "
+            raise ApiError(503, "the active model pointer is unreadable; the service is switching "
                                     "to the last good version: retry shortly") from None
         if version is None:
-            raise RequestError(503, "no model version is active yet: run `python -m training bootstrap`")
+            raise ApiError(503, "no model version is active yet: run `python -m training bootstrap`")
         return version, _readable_spec(version)
 
     async def _preprocess_all(self, paths: list[Path], blobs: list[bytes], spec: ModelSpec) -> np.ndarray:
@@ -139,7 +149,7 @@ class TransferServe:
                 # exact (timm) crops training evaluated with; see models/preprocess.py
                 return decode_and_crop(blobs[index], spec.preprocess, max_pixels=settings.max_pixels, fast=True)
             except InputError as exc:
-                raise image_error(index, paths[index], exc) from None
+                raise api_error(exc, image=index, filename=display_name(paths[index])) from None
 
         arrays = await asyncio.gather(*(loop.run_in_executor(self.pool, one, i) for i in range(len(blobs))))
         return np.stack(arrays)
@@ -147,14 +157,20 @@ class TransferServe:
     @bentoml.api(route="/predict")
     async def predict(
         self,
-        images: Annotated[list[Path], Field(description="one or more image files (JPEG, PNG, GIF, WebP, BMP, TIFF)")],
+        images: Annotated[list[Path], Field(
+            description=f"one or more image files ({', '.join(SUPPORTED_FORMATS)}): at most {settings.max_files} "
+                        f"files of at most {settings.max_file_bytes} bytes and {settings.max_pixels} pixels each, "
+                        f"{settings.max_request_bytes} bytes in all",
+            json_schema_extra={"minItems": 1, "maxItems": settings.max_files})],
         top_k: Annotated[int, Field(ge=1, description="how many labels to return per image (capped at the number of labels)")] = settings.default_top_k,
     ) -> list[Prediction]:
         """Classify one or more images; one result per image, in the order sent."""
         from starlette.responses import JSONResponse
 
         try:
-            blobs = read_uploads(images, settings)
+            if not images:
+                raise ApiError(400, "no images: send one or more files in the multipart field 'images'")
+            blobs = [path.read_bytes() for path in images]  # sizes and count: checked by the request guard
             crops: tuple[object, np.ndarray] | None = None
             for attempt in range(3):
                 version, spec = self._active_spec()
@@ -168,7 +184,7 @@ class TransferServe:
                     # worker being replaced, is worth one more try before the client sees it.
                     log.warning("inference call failed (attempt %d): %s", attempt + 1, exc)
                     if attempt == 2:
-                        raise RequestError(503, "the model is not available right now; retry shortly") from None
+                        raise ApiError(503, "the model is not available right now; retry shortly") from None
                     await asyncio.sleep(0.05)
                     continue
                 numbers = set(output[:, 0].astype(int).tolist())
@@ -179,13 +195,13 @@ class TransferServe:
                 if not numbers and ran_spec.preprocess == spec.preprocess:
                     # sent as built: BentoML would validate and re-serialise list[Prediction]
                     return JSONResponse(build_predictions(output[:, 1:], ran_spec.labels, top_k, ran))  # type: ignore[return-value]
-            raise RequestError(503, "the active model changed during the request; retry")
-        except RequestError as exc:
-            return JSONResponse(exc.body(), status_code=exc.status)  # type: ignore[return-value]
+            raise ApiError(503, "the active model changed during the request; retry")
+        except ApiError as exc:
+            return exc.response()  # type: ignore[return-value]
 
 
 TransferServe.add_asgi_middleware(RequestGuard, max_bytes=settings.max_request_bytes, max_files=settings.max_files,
-                                  before_body=admin_gate(settings))
+                                  max_file_bytes=settings.max_file_bytes, before_body=admin_gate(settings))
 TransferServe.mount_asgi_app(create_admin_app(settings, state), path="/admin", name="admin")
-TransferServe.add_asgi_middleware(OpenAPIDocument, service=TransferServe, settings=settings)  # full /docs.json
+TransferServe.add_asgi_middleware(OpenAPIDocument, service=TransferServe, predict_errors=PREDICT_ERRORS)
 TransferServe.add_asgi_middleware(JSONRoutingErrors)  # 404/405 as {"error": ...}, not plain text

@@ -8,7 +8,7 @@ read-only volume...), :class:`~store.errors.StorageError` says so and nothing of
 remains.
 
 This module holds what every backend shares: the interface (:class:`LabelStore`), the naming
-rules of labels and image ids, and the checks an image passes before anything is written.
+rules of labels and image ids, and the check an image passes before it may be stored.
 """
 
 from __future__ import annotations
@@ -24,10 +24,11 @@ from typing import Literal
 from models.errors import InputError
 from models.preprocess import decode_image
 
-#: A label: 1-64 ASCII letters, digits, spaces, '-', '_' or '.' (see :func:`validate_label`).
-LABEL_PATTERN = r"[A-Za-z0-9 ._-]{1,64}"
-LABEL_RE = re.compile(LABEL_PATTERN)
 MAX_LABEL_LENGTH = 64
+#: The whole rule of :func:`validate_label` but the names '.' and '..' and the length, as a
+#: regular expression (for the API's schema; the function gives the reasons).
+LABEL_PATTERN = "^[A-Za-z0-9._-]([A-Za-z0-9 ._-]*[A-Za-z0-9._-])?$"
+_LABEL_CHARACTER = re.compile(r"[A-Za-z0-9 ._-]")
 _IMAGE_ID_RE = re.compile(r"[0-9a-f]{64}")
 
 AddStatus = Literal["stored", "moved", "unchanged"]
@@ -36,13 +37,9 @@ AddStatus = Literal["stored", "moved", "unchanged"]
 class InvalidLabelError(InputError):
     """A label that breaks the naming rules of :func:`validate_label`."""
 
-    status_code = 422
-
 
 class ImageNotFoundError(InputError, LookupError):
     """No stored image has that id (or the id is not a sha256 hex digest at all)."""
-
-    status_code = 404
 
 
 def validate_label(label: str) -> str:
@@ -63,8 +60,8 @@ def validate_label(label: str) -> str:
             f"label {label[:20]!r}... is {len(label)} characters long; "
             f"the most is {MAX_LABEL_LENGTH}"
         )
-    if not LABEL_RE.fullmatch(label):
-        bad = next(c for c in label if not LABEL_RE.fullmatch(c))
+    bad = next((c for c in label if not _LABEL_CHARACTER.fullmatch(c)), None)
+    if bad is not None:
         raise InvalidLabelError(
             f"label {label!r} may only contain letters, digits, space, '-', '_' and '.' "
             f"(found {_describe_char(bad)})"
@@ -73,6 +70,8 @@ def validate_label(label: str) -> str:
         raise InvalidLabelError(f"label {label!r} may not start or end with a space")
     if label in {".", ".."}:
         raise InvalidLabelError(f"label {label!r} is not allowed (it names a directory)")
+    if not re.fullmatch(LABEL_PATTERN, label):  # the checks above say why; this keeps the two in step
+        raise InvalidLabelError(f"label {label!r} does not match {LABEL_PATTERN}")
     return label
 
 
@@ -98,18 +97,15 @@ class CheckedImage:
     height: int
 
 
-def check_images(blobs: Sequence[bytes], *, max_pixels: int) -> list[CheckedImage]:
-    """Decode every upload (nothing is stored unless all pass).
+def check_image(data: bytes, *, max_pixels: int) -> CheckedImage:
+    """Decode an upload: only what passes may be stored.
 
     Raises:
         ImageDecodeError: the bytes are not a readable image.
         ImageTooLargeError: the image has more than ``max_pixels`` pixels.
     """
-    checked = []
-    for data in blobs:
-        width, height = decode_image(data, max_pixels=max_pixels).size
-        checked.append(CheckedImage(hashlib.sha256(data).hexdigest(), data, width, height))
-    return checked
+    width, height = decode_image(data, max_pixels=max_pixels).size
+    return CheckedImage(hashlib.sha256(data).hexdigest(), data, width, height)
 
 
 @dataclass(frozen=True)
@@ -140,18 +136,16 @@ class LabelStore(ABC):
     """Labelled images. Safe to use from many threads and processes at once."""
 
     def add(self, data: bytes, label: str, *, max_pixels: int) -> AddResult:
-        """:meth:`add_many` of one image."""
-        return self.add_many([data], label, max_pixels=max_pixels)[0]
+        """:func:`check_image` then :meth:`add_many` of one image."""
+        return self.add_many([check_image(data, max_pixels=max_pixels)], label)[0]
 
     @abstractmethod
-    def add_many(self, blobs: Sequence[bytes], label: str, *, max_pixels: int) -> list[AddResult]:
+    def add_many(self, images: Sequence[CheckedImage], label: str) -> list[AddResult]:
         """Store images under ``label``, deduplicated by content, all or none. The same bytes
-        twice in ``blobs`` are one image (the second is ``"unchanged"``).
+        twice in ``images`` are one image (the second is ``"unchanged"``).
 
         Raises:
             InvalidLabelError: the label breaks the naming rules.
-            ImageDecodeError, ImageTooLargeError: an upload fails :func:`check_images` (checked
-                before anything is written).
             StorageError: the state cannot take the write; nothing was stored.
         """
 

@@ -23,10 +23,10 @@ from ..errors import storage_failure
 from ..files import write_atomic
 from ..labels import (
     AddResult,
+    CheckedImage,
     ImageNotFoundError,
     LabelledImage,
     LabelStore,
-    check_images,
     is_image_id,
     validate_label,
 )
@@ -70,11 +70,11 @@ class SqliteLabelStore(LabelStore):
 
     # -- writing ------------------------------------------------------------------------------
 
-    def add_many(self, blobs: Sequence[bytes], label: str, *, max_pixels: int) -> list[AddResult]:
+    def add_many(self, images: Sequence[CheckedImage], label: str) -> list[AddResult]:
         """See :meth:`LabelStore.add_many`. If any image cannot be written, no row is committed
         and no file this call wrote is left behind."""
         validate_label(label)
-        checked = check_images(blobs, max_pixels=max_pixels)
+        checked = list(images)
         written: set[str] = set()  # image ids whose file this call created
         try:
             # The writes (and their fsyncs) happen outside the database lock so that concurrent

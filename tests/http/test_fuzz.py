@@ -55,8 +55,9 @@ def operations(document: dict) -> set[tuple[str, str]]:
 def test_the_document_describes_every_route(fuzz_server: Server, document: dict, tmp_path: Path) -> None:
     from service.admin import create_admin_app
     from service.settings import Settings
+    from store.state import open_state
 
-    admin = create_admin_app(Settings(home=tmp_path, admin_token=TOKEN)).app  # inside the token check
+    admin = create_admin_app(Settings(home=tmp_path, admin_token=TOKEN), open_state(home=tmp_path))
     routes = {(method, "/admin" + route.path) for route in admin.routes for method in route.methods - {"HEAD"}}
     bentoml_apis = httpx.get(fuzz_server.url + "/schema.json", timeout=30).json()["routes"]  # BentoML's own list
     routes |= {("POST", api["route"]) for api in bentoml_apis}

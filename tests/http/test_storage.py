@@ -42,6 +42,7 @@ from PIL import Image
 
 from service.retrain import failure_reason
 from store import errors
+from store.labels import check_image
 from store.local import database as db
 from store.state import open_state
 from tests.conftest import ROOT, jpeg_files
@@ -187,7 +188,7 @@ def test_a_failed_write_stores_nothing_of_the_upload(tmp_path: Path, hymenoptera
 
     monkeypatch.setattr(labels_module, "write_atomic", write_then_fill_the_disk)
     with pytest.raises(errors.StorageError) as caught:
-        store.add_many([first, second], "bees", max_pixels=10**8)
+        store.add_many([check_image(first, max_pixels=10**8), check_image(second, max_pixels=10**8)], "bees")
     assert "storing the labelled images failed" in str(caught.value)
     assert "out of space" in str(caught.value) and "free space" in caught.value.hint
     assert calls == [sha(first), sha(second)]  # the first was written, then removed again

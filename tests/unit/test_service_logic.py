@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from service.limits import RequestGuard
-from service.predict import Prediction, RequestError, build_predictions, display_name, read_uploads
+from service.limits import RequestGuard, display_name
+from service.predict import Prediction, build_predictions
 from service.providers import CPU, CUDA, TENSORRT, ProviderError, select_providers
 from models.hardware import cpu_count
 from service.settings import Settings
@@ -109,29 +109,6 @@ def test_device_id_beyond_the_gpus() -> None:
 
 # -- uploads and results --------------------------------------------------------------------------
 
-def test_read_uploads_checks_count_size_and_emptiness(tmp_path: Path) -> None:
-    s = settings(max_files=2, max_file_bytes=1024)
-    ok = tmp_path / "ok.jpg"
-    ok.write_bytes(b"x" * 10)
-    big = tmp_path / "big.jpg"
-    big.write_bytes(b"x" * 2000)
-    empty = tmp_path / "tmpab_cd123empty.jpg"
-    empty.write_bytes(b"")
-    assert read_uploads([ok], s) == [b"x" * 10]
-    with pytest.raises(RequestError) as err:
-        read_uploads([], s)
-    assert err.value.status == 400
-    with pytest.raises(RequestError) as err:
-        read_uploads([ok, ok, ok], s)
-    assert err.value.status == 413
-    with pytest.raises(RequestError) as err:
-        read_uploads([ok, big], s)
-    assert err.value.status == 413 and err.value.image == 1 and err.value.filename == "big.jpg"
-    with pytest.raises(RequestError) as err:
-        read_uploads([empty], s)
-    assert err.value.status == 400 and err.value.filename == "empty.jpg"
-
-
 def test_display_names_are_safe_to_echo() -> None:
     assert display_name("/tmp/x/tmpab12cd_3photo.jpg") == "photo.jpg"
     assert display_name("a\x00b\nc.jpg") == "a?b?c.jpg"
@@ -162,8 +139,8 @@ async def echo_app(scope, receive, send) -> None:  # type: ignore[no-untyped-def
     await send({"type": "http.response.body", "body": str(len(body)).encode()})
 
 
-def guarded(max_bytes: int = 1000) -> httpx.AsyncClient:
-    app = RequestGuard(echo_app, max_bytes=max_bytes)
+def guarded(max_bytes: int = 1000, max_files: int = 2, max_file_bytes: int = 100) -> httpx.AsyncClient:
+    app = RequestGuard(echo_app, max_bytes=max_bytes, max_files=max_files, max_file_bytes=max_file_bytes)
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
 
 
@@ -211,6 +188,28 @@ def test_guard_refuses_malformed_bodies(content: bytes, content_type: str, statu
 
     response = run(go())
     assert response.status_code == status and message in response.json()["error"]
+
+
+def test_guard_checks_the_count_size_emptiness_and_field_of_uploads() -> None:
+    def files(*parts: tuple[str, str, bytes]) -> list[tuple[str, tuple[str, bytes]]]:
+        return [(field, (name, data)) for field, name, data in parts]
+
+    async def go() -> list[httpx.Response]:
+        async with guarded() as http:
+            return [await http.post("/predict", files=upload) for upload in (
+                files(("images", "a.jpg", b"x"), ("images", "b.jpg", b"x"), ("images", "c.jpg", b"x")),
+                files(("images", "ok.jpg", b"x" * 10), ("images", "big.jpg", b"x" * 101)),
+                files(("images", "empty.jpg", b"")),
+                files(("photo", "a.jpg", b"x")),
+            )]
+
+    too_many, too_big, empty, wrong_field = run(go())
+    assert too_many.status_code == 413 and "3 images in one request; the limit is 2" in too_many.json()["error"]
+    assert too_big.status_code == 413 and too_big.json() == {
+        "error": "image 1 ('big.jpg') is 101 bytes; the limit is 100 bytes", "image": 1, "filename": "big.jpg"}
+    assert empty.status_code == 400 and empty.json() == {
+        "error": "image 0 ('empty.jpg') is empty", "image": 0, "filename": "empty.jpg"}
+    assert wrong_field.status_code == 400 and "field 'photo' does not take files" in wrong_field.json()["error"]
 
 
 def test_guard_leaves_other_routes_alone() -> None:

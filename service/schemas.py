@@ -1,0 +1,73 @@
+"""What the admin routes return: each is the route's response model, so the API's schema is
+generated from the very classes the handlers build (a retrain job is :class:`store.jobs.Job`).
+Routes send the fields that were set: an optional field left unset is absent from the body, one
+set to None is null."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from store.labels import AddResult
+
+
+class StoredImage(BaseModel):
+    image_id: str = Field(pattern="^[0-9a-f]{64}$", description="SHA-256 of the image bytes")
+    label: str
+    status: Literal["stored", "unchanged", "moved"]
+    filename: str
+    previous_label: str | None = Field(None, description="only for status 'moved'")
+    note: str | None = Field(None, description="only for status 'moved'")
+
+    @classmethod
+    def of(cls, result: AddResult, filename: str) -> StoredImage:
+        """``previous_label`` and ``note`` are set (and so sent) only for a moved image."""
+        moved = {"previous_label": result.previous_label,
+                 "note": f"these bytes were labelled '{result.previous_label}'; now '{result.label}'"}
+        return cls(image_id=result.image_id, label=result.label, status=result.status, filename=filename,
+                   **(moved if result.status == "moved" else {}))
+
+
+class LabelsStored(BaseModel):
+    stored: list[StoredImage] = Field(description="one entry per uploaded image, in order")
+    counts: dict[str, int] = Field(description="images per label in the store, after this upload")
+
+
+class LabelSummary(BaseModel):
+    counts: dict[str, int] = Field(description="images per label")
+    total: int = Field(ge=0)
+    not_in_active_model: int | None = Field(None, ge=0, description="labelled images the active version was not "
+                                            "trained on (null when the active version's files cannot be read)")
+    active_version: str | None
+
+
+class LabelDeleted(BaseModel):
+    deleted: str = Field(description="the image id")
+    counts: dict[str, int]
+
+
+class ModelSummary(BaseModel):
+    """A version's summary; a damaged version (files unreadable) has only ``version``,
+    ``active`` and ``error``."""
+
+    version: str
+    active: bool
+    created_at: str | None = None
+    labels: list[str] | None = None
+    metrics: dict[str, Any] | None = None
+    parent: str | None = None
+    strategy: str | None = Field(None, description="how it was trained (head, finetune, retrain-head, ...)")
+    error: str | None = Field(None, description="what is wrong with a damaged version")
+
+
+class ModelList(BaseModel):
+    active: str | None = Field(description="the active version; null before the first is registered")
+    versions: list[ModelSummary] = Field(description="oldest first")
+    fallback_from: dict[str, Any] | None = Field(
+        None, description="present when the version activated last failed verification and the service "
+        "fell back to the last good one: that version and the reason")
+
+
+class Activated(BaseModel):
+    active: str
