@@ -58,13 +58,14 @@ class Naive:
     @bentoml.api(route="/predict")
     def predict(self, images: list[Path], top_k: int = 5) -> list[Prediction]:
         from models.onnx_io import softmax
-        from models.preprocess import preprocess
+        from models.preprocess import decode_and_crop, normalise_crops
         from models.spec import ONNX_INPUT, ONNX_LOGITS
         from service.predict import build_predictions
 
         results: list[dict] = []
         for path in images:
-            batch = preprocess(path.read_bytes(), self.spec.preprocess, fast=True)[None]  # as the service decodes
+            crop = decode_and_crop(path.read_bytes(), self.spec.preprocess)  # as the service does
+            batch = normalise_crops(crop[None], self.spec.preprocess)
             (logits,) = self.session.run([ONNX_LOGITS], {ONNX_INPUT: batch})
             results += build_predictions(softmax(logits), self.spec.labels, top_k, self.version)
         return results  # type: ignore[return-value]

@@ -117,7 +117,7 @@ def timings(
     time per image (single thread: what one image costs a worker, whatever else runs)."""
     out: dict[str, float] = {}
     paths = {
-        "exact": lambda b: decode_and_crop(b, config),
+        "exact": lambda b: decode_and_crop(b, config, fast=False),
         "fast": lambda b: decode_and_crop(b, config, fast=True),
     }
     for label, pool in [("1 thread", None), (f"{threads} threads", ThreadPoolExecutor(threads))]:

@@ -1,5 +1,5 @@
 """Batched extraction of logits and embeddings from image bytes, the way the service serves:
-images decoded on the serving fast path (``decode_and_crop(..., fast=True)``: the very crops
+images decoded on the serving path (:func:`~models.preprocess.decode_and_crop`: the very crops
 ``/predict`` would make of them), one single-threaded onnxruntime session per worker thread, each
 thread decoding its own batch and running it, ``CPU_RUN_SLICE`` images per onnxruntime call as
 the service's inference workers run theirs. On a CPU that layout beats one session with a
@@ -23,7 +23,7 @@ from typing import TypeVar
 import numpy as np
 
 from .onnx_io import CPU_RUN_SLICE, cpu_session, run_in_batches
-from .preprocess import preprocess
+from .preprocess import decode_and_crop, normalise_crops
 from .spec import PreprocessConfig
 
 T = TypeVar("T")
@@ -53,7 +53,8 @@ def extract(
         sessions.put(cpu_session(onnx_path, intra_op_threads=1))
 
     def run(batch: list[T]) -> tuple[list[T], np.ndarray, np.ndarray]:
-        inputs = np.stack([preprocess(read(item), config, fast=True) for item in batch])
+        crops = np.stack([decode_and_crop(read(item), config) for item in batch])
+        inputs = normalise_crops(crops, config)
         session = sessions.get()
         try:
             logits, embeddings = run_in_batches(session, inputs, batch_size=CPU_RUN_SLICE)  # type: ignore[arg-type]

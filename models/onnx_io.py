@@ -13,8 +13,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .hardware import cpu_count
 from .errors import ModelError
+from .hardware import cpu_count
+from .preprocess import normalisation_table
 from .spec import ONNX_EMBEDDING, ONNX_INPUT, ONNX_LOGITS, ModelSpec, PreprocessConfig
 
 if TYPE_CHECKING:
@@ -23,9 +24,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 #: Images per onnxruntime call on the CPU provider, however many a batch holds: the activations
-#: of one or two 224x224 images stay in the core's cache, those of six or more do not. Measured
-#: on 2026-11-28 (one thread, tf_efficientnet_lite0, CPU ms per image): fp32 10.7-11.0 at 1-2
-#: images per call, 11.9-12.2 at 6, 12.2-12.7 at 8, 12.3-12.8 at 16; int8 6.0-6.2 at 1-2, 6.3 at 6-8.
+#: of one or two 224x224 images stay in the core's cache, those of six or more do not, and CPU
+#: time per image grows with the images per call (measured: bench/README.md).
 CPU_RUN_SLICE = 2
 
 
@@ -88,10 +88,10 @@ PIXELS_INPUT = "pixels"
 def pixels_input_graph(model: Any, config: PreprocessConfig) -> Any:
     """``model`` (an ``onnx.ModelProto``, changed in place and returned) taking uint8 crops
     (batch, S, S, 3) as input ``pixels`` instead of the normalised float32 ``input``: the
-    conversion (channels first, ``(v / 255 - mean) / std`` in float32, the very operations of
-    :func:`models.preprocess.normalise_crops`) runs as the graph's first nodes, on whatever
-    device runs the graph. For GPUs: a quarter of the bytes cross to the device and the host
-    does no float32 pass over the batch."""
+    graph's first nodes look each level up in :func:`models.preprocess.normalisation_table`, the
+    very table the host normalises with, and put channels first, on whatever device runs the
+    graph. For GPUs: a quarter of the bytes cross to the device and the host does no float32
+    pass over the batch."""
     from onnx import TensorProto, helper, numpy_helper
 
     graph = model.graph
@@ -105,18 +105,17 @@ def pixels_input_graph(model: Any, config: PreprocessConfig) -> Any:
     graph.input.remove(original)
     graph.input.insert(0, helper.make_tensor_value_info(PIXELS_INPUT, TensorProto.UINT8,
                                                         [batch_dim, size, size, 3]))
-    constants = {
-        "pixels_255": np.array(255.0, dtype=np.float32),
-        "pixels_mean": np.asarray(config.mean, dtype=np.float32).reshape(1, 3, 1, 1),
-        "pixels_std": np.asarray(config.std, dtype=np.float32).reshape(1, 3, 1, 1),
+    table = normalisation_table(config)
+    constants = {  # channel c's level v is row c, column v of the table, flattened
+        "pixels_table": table.reshape(-1),
+        "pixels_channel_offset": np.arange(0, table.size, table.shape[1], dtype=np.int32),
     }
     graph.initializer.extend(numpy_helper.from_array(value, name) for name, value in constants.items())
     first = [
-        helper.make_node("Cast", [PIXELS_INPUT], ["pixels_float"], to=TensorProto.FLOAT),
-        helper.make_node("Transpose", ["pixels_float"], ["pixels_nchw"], perm=[0, 3, 1, 2]),
-        helper.make_node("Div", ["pixels_nchw", "pixels_255"], ["pixels_unit"]),
-        helper.make_node("Sub", ["pixels_unit", "pixels_mean"], ["pixels_centred"]),
-        helper.make_node("Div", ["pixels_centred", "pixels_std"], [normalised]),
+        helper.make_node("Cast", [PIXELS_INPUT], ["pixels_levels"], to=TensorProto.INT32),
+        helper.make_node("Add", ["pixels_levels", "pixels_channel_offset"], ["pixels_index"]),
+        helper.make_node("Gather", ["pixels_table", "pixels_index"], ["pixels_values"], axis=0),
+        helper.make_node("Transpose", ["pixels_values"], [normalised], perm=[0, 3, 1, 2]),
     ]
     for index, node in enumerate(first):
         graph.node.insert(index, node)

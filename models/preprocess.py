@@ -1,29 +1,18 @@
-"""Image bytes to network input: the one preprocessing path shared by training and the service.
+"""Image bytes to network input, with numpy and Pillow only (the service needs no torch).
 
-Training's evaluation path and the HTTP service both call :func:`preprocess`, so a model sees
-exactly the same tensor for the same file wherever it runs. :func:`decode_image` turns untrusted
-bytes into an RGB :class:`PIL.Image.Image` (pixel-count limit checked before any pixel is
-decoded, EXIF orientation applied, every Pillow mode converted to RGB with its real meaning);
-:func:`preprocess_image` then reproduces timm's centre-crop eval transform (torchvision
-``Resize(int)`` + ``CenterCrop`` + ``ToTensor`` + ``Normalize``) with numpy and Pillow only, so
-the service needs no torch. Failures raise :class:`~models.errors.ImageDecodeError` or
-:class:`~models.errors.ImageTooLargeError`, which the service maps to 4xx responses.
-
-Two paths compute the same spec'd transform. The exact path (the keyword's default,
-``fast=False``) is bit-identical with timm's eval transform: training, evaluation and the export
-checks use it, so what is measured is what the network was trained with. The fast path
-(``fast=True``), which the HTTP service and the retrain jobs' embedding of new labelled images
-use (so a retrained head is fitted and gated on the crops it will be served), decodes large
-JPEGs at reduced scale (libjpeg DCT scaling, keeping at least :data:`FAST_DECODE_MARGIN` times
-the resize target on the shorter side), lets Pillow pre-reduce other large images
-(:data:`FAST_REDUCING_GAP`) and resamples only the centre-crop window; its uint8 crops differ from the exact ones by under half a level (of 255) on
-average, a few levels at single edge pixels, and the model's top-1 does not change on the photos
-measured (``tests/unit/test_preprocess.py`` and ``bench/preprocess_bench.py``). The choice is the
-caller's keyword, not a spec field: the spec (one per model version) stays the one source of what
-the transform is (sizes, interpolation, mean/std) and both paths read the same
-:class:`~models.spec.PreprocessConfig`; how precisely a caller computes it depends on the caller
-(training must reproduce timm, serving may trade a fraction of a level for CPU), not on the model
-version, and old spec.json files need no new field.
+:func:`decode_image` turns untrusted bytes into an upright RGB image (pixel limit checked on the
+header before any pixel is decoded, EXIF orientation applied, every mode converted with its real
+meaning; failures are :class:`~models.errors.InputError`, a 4xx in the service). Then the spec's
+transform, computed two ways. :func:`preprocess_image`, the training transform, is timm's
+centre-crop eval transform bit for bit: training, evaluation and the export and quantisation
+checks use it. :func:`decode_and_crop`, the serving path (the service, and the retrain job's
+embedding, so a head is fitted on the crops it will be served), makes the uint8 crop cheaply:
+large JPEGs decoded at reduced scale, only the crop window resampled, within a level of the
+exact crop on average (``tests/unit/test_preprocess.py``; measured: bench/README.md). The choice
+is the caller's, not a spec field: training must reproduce timm, serving may trade a fraction of
+a level for CPU. :func:`normalisation_table` is the one place mean, std and 255 turn levels into
+network input, looked up on the host (:func:`normalise_crops`) and inside the device graph
+(:func:`models.onnx_io.pixels_input_graph`).
 """
 
 from __future__ import annotations
@@ -31,15 +20,12 @@ from __future__ import annotations
 import functools
 import io
 import logging
-import os
-from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from PIL import ExifTags, Image, JpegImagePlugin, UnidentifiedImageError
 
-from models.errors import ImageDecodeError, ImageTooLargeError, InputError
+from models.errors import ImageDecodeError, ImageTooLargeError
 from models.spec import PreprocessConfig
 
 logger = logging.getLogger(__name__)
@@ -112,14 +98,8 @@ _EDGES_AFTER_TRANSPOSE: dict[Image.Transpose, tuple[int, int, int, int]] = {
     Image.Transpose.TRANSPOSE: (1, 0, 3, 2),
     Image.Transpose.TRANSVERSE: (3, 2, 1, 0),
 }
-_SWAPS_AXES = frozenset(
-    {
-        Image.Transpose.ROTATE_90,
-        Image.Transpose.ROTATE_270,
-        Image.Transpose.TRANSPOSE,
-        Image.Transpose.TRANSVERSE,
-    }
-)
+_SWAPS_AXES = frozenset({Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_270,
+                         Image.Transpose.TRANSPOSE, Image.Transpose.TRANSVERSE})
 
 
 @dataclass(frozen=True)
@@ -135,11 +115,6 @@ class _Decoded:
     image: Image.Image
     size: tuple[int, int]
     content: tuple[float, float, float, float]
-
-
-def load_image_bytes(path: str | os.PathLike[str]) -> bytes:
-    """Read an image file's bytes (decoding is :func:`decode_image`'s job)."""
-    return Path(path).read_bytes()
 
 
 def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -338,36 +313,6 @@ def _resized_size(width: int, height: int, resize_size: int) -> tuple[int, int]:
     return (resize_size, new_long) if width <= height else (new_long, resize_size)
 
 
-def _resize_and_crop(image: Image.Image, config: PreprocessConfig) -> Image.Image:
-    """torchvision Resize(resize_size) then CenterCrop(input_size), on a PIL image."""
-    width, height = image.size
-    new_w, new_h = _resized_size(width, height, config.resize_size)
-    crop = config.input_size
-    left = _centre_crop_origin(new_w, crop)
-    top = _centre_crop_origin(new_h, crop)
-
-    new_short = config.resize_size
-    budget = max(_FULL_RESIZE_MAX_PIXELS, _FULL_RESIZE_MAX_ASPECT * new_short * new_short)
-    if new_w * new_h <= budget:
-        resized = (
-            image
-            if (new_w, new_h) == (width, height)
-            else image.resize((new_w, new_h), _RESAMPLE[config.interpolation])
-        )
-        # PIL fills the part of a crop box outside the image with zeros, which is exactly
-        # torchvision's zero padding when the image is smaller than the crop.
-        return resized.crop((left, top, left + crop, top + crop))
-
-    # Extreme aspect ratio: resample only the crop window, in source coordinates. Pillow's
-    # filter still reads source pixels outside the box, but its filter positions and
-    # fixed-point weights come out slightly differently, so pixels may differ from
-    # crop-after-resize by a few levels (nearest: by one source pixel). Such images are far
-    # from anything trained on; bounded memory matters more for them than bit-exactness.
-    return _resample_crop_window(
-        image, config, (width, height), (0.0, 0.0, float(width), float(height)), reducing_gap=None
-    )
-
-
 def _resample_crop_window(
     image: Image.Image,
     config: PreprocessConfig,
@@ -412,144 +357,99 @@ def _resample_crop_window(
     return padded
 
 
+def _exact_crop(image: Image.Image, config: PreprocessConfig) -> np.ndarray:
+    """torchvision ``Resize(resize_size)`` then ``CenterCrop(input_size)``: uint8 (S, S, 3)."""
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise ImageDecodeError(f"image has no pixels ({width}x{height})")
+    if image.mode != "RGB" or "transparency" in image.info:
+        image = to_rgb(image)
+    new_w, new_h = _resized_size(width, height, config.resize_size)
+    crop = config.input_size
+    left = _centre_crop_origin(new_w, crop)
+    top = _centre_crop_origin(new_h, crop)
+
+    new_short = config.resize_size
+    budget = max(_FULL_RESIZE_MAX_PIXELS, _FULL_RESIZE_MAX_ASPECT * new_short * new_short)
+    if new_w * new_h <= budget:
+        resized = (
+            image
+            if (new_w, new_h) == (width, height)
+            else image.resize((new_w, new_h), _RESAMPLE[config.interpolation])
+        )
+        # PIL fills the part of a crop box outside the image with zeros, which is exactly
+        # torchvision's zero padding when the image is smaller than the crop.
+        return np.asarray(resized.crop((left, top, left + crop, top + crop)))
+
+    # Extreme aspect ratio: resample only the crop window, in source coordinates. Pillow's
+    # filter still reads source pixels outside the box, but its filter positions and
+    # fixed-point weights come out slightly differently, so pixels may differ from
+    # crop-after-resize by a few levels (nearest: by one source pixel). Such images are far
+    # from anything trained on; bounded memory matters more for them than bit-exactness.
+    return np.asarray(_resample_crop_window(
+        image, config, (width, height), (0.0, 0.0, float(width), float(height)), reducing_gap=None
+    ))
+
+
+def decode_and_crop(
+    data: bytes, config: PreprocessConfig, *,
+    max_pixels: int = DEFAULT_MAX_PIXELS, fast: bool = True,
+) -> np.ndarray:
+    """Image bytes -> uint8 crop (input_size, input_size, 3), the serving path: what the service
+    sends between processes (a quarter of the network input's bytes) for :func:`normalise_crops`.
+
+    The default, ``fast=True``, decodes a large JPEG at 1/2, 1/4 or 1/8 scale while its shorter
+    side stays at least :data:`FAST_DECODE_MARGIN` times ``config.resize_size``, and resamples
+    only the crop window with :data:`FAST_REDUCING_GAP`. ``fast=False`` gives the exact crop that
+    :func:`preprocess_image` normalises, to measure the fast one against. Errors and messages are
+    the same on both: the pixel limit applies to the header's size, whatever scale is decoded.
+    """
+    if not fast:
+        return _exact_crop(decode_image(data, max_pixels=max_pixels), config)
+    decoded = _decode(
+        data, max_pixels=max_pixels, min_short_side=FAST_DECODE_MARGIN * config.resize_size
+    )
+    return np.asarray(_resample_crop_window(
+        decoded.image, config, decoded.size, decoded.content, reducing_gap=FAST_REDUCING_GAP
+    ))
+
+
+def normalisation_table(config: PreprocessConfig) -> np.ndarray:
+    """(3, 256) float32, read-only: the network input value of each 8-bit level, per channel.
+
+    The one definition of the normalisation, ``(v / 255 - mean) / std`` in float32 as ``ToTensor``
+    + ``Normalize`` compute it. The host (:func:`normalise_crops`) and the device graph
+    (:func:`models.onnx_io.pixels_input_graph`) both look values up in it, so they cannot differ.
+    """
+    return _normalisation_table(config.mean, config.std)
+
+
 @functools.lru_cache(maxsize=32)
-def _normalise_table(
+def _normalisation_table(
     mean: tuple[float, float, float], std: tuple[float, float, float]
 ) -> np.ndarray:
-    """(3, 256) float32: normalised value of each 8-bit level, per channel.
-
-    Computed as ToTensor + Normalize do, in float32: (v / 255 - mean) / std, so a lookup gives
-    torchvision's values with one gather instead of three passes over a float image.
-    """
     levels = np.arange(256, dtype=np.float32) / np.float32(255.0)
-    mean_arr = np.asarray(mean, dtype=np.float32)[:, None]
-    std_arr = np.asarray(std, dtype=np.float32)[:, None]
+    mean_arr, std_arr = (np.asarray(v, dtype=np.float32)[:, None] for v in (mean, std))
     table = (levels[None, :] - mean_arr) / std_arr
     table.setflags(write=False)
     return table
 
 
-def crop_image(image: Image.Image, config: PreprocessConfig, *, fast: bool = False) -> np.ndarray:
-    """The resized, centre-cropped image as uint8 (input_size, input_size, 3): the exact input
-    before normalisation, and a quarter of its size (what the service sends between processes).
-
-    ``fast=True`` resamples only the crop window, with :data:`FAST_REDUCING_GAP`: less work, and
-    a fraction of a level from the exact (timm) result on average. Use it only where the model's
-    input may be approximated (serving); training and evaluation use the default exact path.
-    """
-    if image.width < 1 or image.height < 1:
-        raise ImageDecodeError(f"image has no pixels ({image.width}x{image.height})")
-    if image.mode != "RGB" or "transparency" in image.info:
-        image = to_rgb(image)
-    if fast:
-        full = (0.0, 0.0, float(image.width), float(image.height))
-        return np.asarray(
-            _resample_crop_window(image, config, image.size, full, reducing_gap=FAST_REDUCING_GAP)
-        )
-    return np.asarray(_resize_and_crop(image, config))
-
-
-def decode_and_crop(
-    data: bytes,
-    config: PreprocessConfig,
-    *,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    fast: bool = False,
-) -> np.ndarray:
-    """Image bytes -> uint8 crop (input_size, input_size, 3): :func:`decode_image` then
-    :func:`crop_image`.
-
-    ``fast=True`` (the service's path) also decodes a large JPEG at 1/2, 1/4 or 1/8 scale while
-    its shorter side stays at least :data:`FAST_DECODE_MARGIN` times ``config.resize_size``.
-    Errors and their messages are the same on both paths: the pixel limit applies to the size
-    in the header, whatever scale the decoder then uses.
-    """
-    if not fast:
-        return crop_image(decode_image(data, max_pixels=max_pixels), config)
-    decoded = _decode(
-        data, max_pixels=max_pixels, min_short_side=FAST_DECODE_MARGIN * config.resize_size
-    )
-    return np.asarray(
-        _resample_crop_window(
-            decoded.image,
-            config,
-            decoded.size,
-            decoded.content,
-            reducing_gap=FAST_REDUCING_GAP,
-        )
-    )
-
-
 def normalise_crops(crops: np.ndarray, config: PreprocessConfig) -> np.ndarray:
-    """uint8 crops (N, S, S, 3) from :func:`crop_image` -> the network input, float32
-    (N, 3, S, S), exactly as :func:`preprocess_image` computes it."""
+    """uint8 crops (N, S, S, 3) -> the network input, float32 (N, 3, S, S), by
+    :func:`normalisation_table` (one gather per channel instead of three float passes)."""
     if crops.dtype != np.uint8 or crops.ndim != 4 or crops.shape[3] != 3:
         raise ValueError(f"expected uint8 crops (N, S, S, 3), got {crops.dtype} {crops.shape}")
-    table = _normalise_table(config.mean, config.std)
+    table = normalisation_table(config)
     out = np.empty((crops.shape[0], 3, crops.shape[1], crops.shape[2]), dtype=np.float32)
     for channel in range(3):
+        # mode="clip" lets take() write straight into `out` (indices are 0..255 anyway).
         np.take(table[channel], crops[..., channel], out=out[:, channel], mode="clip")
     return out
 
 
-def _normalise_into(pixels: np.ndarray, config: PreprocessConfig, out: np.ndarray) -> None:
-    table = _normalise_table(config.mean, config.std)
-    for channel in range(3):
-        # mode="clip" lets take() write straight into `out` (indices are 0..255 anyway).
-        np.take(table[channel], pixels[:, :, channel], out=out[channel], mode="clip")
-
-
 def preprocess_image(image: Image.Image, config: PreprocessConfig) -> np.ndarray:
-    """Resize, centre-crop and normalise an image as timm's eval transform does.
-
-    Returns a C-contiguous float32 array of shape (3, input_size, input_size). Non-RGB images
-    are converted with :func:`to_rgb` first.
-    """
-    size = config.input_size
-    out = np.empty((3, size, size), dtype=np.float32)
-    _normalise_into(crop_image(image, config), config, out)
-    return out
-
-
-def preprocess(
-    data: bytes,
-    config: PreprocessConfig,
-    *,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    fast: bool = False,
-) -> np.ndarray:
-    """Decode image bytes and return the network input, float32 (3, input_size, input_size).
-
-    ``fast``: as for :func:`decode_and_crop`; the default is the exact (timm) path.
-    """
-    size = config.input_size
-    out = np.empty((3, size, size), dtype=np.float32)
-    _normalise_into(decode_and_crop(data, config, max_pixels=max_pixels, fast=fast), config, out)
-    return out
-
-
-def preprocess_batch(
-    items: Sequence[bytes],
-    config: PreprocessConfig,
-    *,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    fast: bool = False,
-) -> np.ndarray:
-    """Preprocess several images into one float32 (N, 3, input_size, input_size) batch.
-
-    Raises:
-        ValueError: ``items`` is empty.
-        ImageDecodeError, ImageTooLargeError: for the first bad item; the message starts with
-            ``"image <index>: "``.
-    """
-    if len(items) == 0:
-        raise ValueError("preprocess_batch needs at least one image")
-    size = config.input_size
-    batch = np.empty((len(items), 3, size, size), dtype=np.float32)
-    for index, data in enumerate(items):
-        try:
-            pixels = decode_and_crop(data, config, max_pixels=max_pixels, fast=fast)
-        except InputError as exc:
-            raise type(exc)(f"image {index}: {exc}") from exc
-        _normalise_into(pixels, config, batch[index])
-    return batch
+    """The training transform: resize, centre-crop and normalise ``image`` as timm's eval
+    transform does. Returns a C-contiguous float32 array (3, input_size, input_size); non-RGB
+    images are converted with :func:`to_rgb` first."""
+    return normalise_crops(_exact_crop(image, config)[None], config)[0]

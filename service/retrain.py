@@ -27,7 +27,7 @@ import numpy as np
 from models.extract import extract
 from models.int8 import check_int8
 from models.onnx_io import read_head, replace_head, verify_head
-from models.preprocess import preprocess
+from models.preprocess import decode_image, preprocess_image
 from models.retrain import HeadRetrain, ParentModel, RetrainParams, retrain_head
 from store.embeddings import EmbeddingCache
 from store.errors import storage_failure
@@ -142,7 +142,8 @@ def retrain(state: State, home: Path, params: RetrainParams, progress_report: Ca
         replace_head(parent.onnx_path, onnx_path, result.head.weight, result.head.bias)
         progress("verifying", 0.95)
         sample_ids = (result.held_ids or result.train_ids or ids)[:4]
-        sample = np.stack([preprocess(labels.read(i), parent.spec.preprocess) for i in sample_ids])
+        sample = np.stack([preprocess_image(decode_image(labels.read(i)), parent.spec.preprocess)
+                           for i in sample_ids])
         metrics["head_check_max_diff"] = verify_head(onnx_path, result.head.weight, result.head.bias, sample)
         version = registry.register(
             onnx_file=onnx_path,
@@ -158,7 +159,9 @@ def retrain(state: State, home: Path, params: RetrainParams, progress_report: Ca
         )
         if parent.has_int8():  # before activation: workers load both at once
             if result.held_ids:
-                inputs = np.stack([preprocess(labels.read(i), parent.spec.preprocess) for i in result.held_ids])
+                inputs = np.stack([
+                    preprocess_image(decode_image(labels.read(i)), parent.spec.preprocess)
+                    for i in result.held_ids])
                 index = {label: k for k, label in enumerate(result.labels)}
                 targets: np.ndarray | None = np.array([index[labels_by_id[i]] for i in result.held_ids], np.int64)
             else:

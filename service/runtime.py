@@ -216,7 +216,7 @@ class ModelRuntime:
 
     def infer(self, crops: np.ndarray) -> tuple[LoadedModel, np.ndarray]:
         """Softmax probabilities (N, C) of a batch of uint8 crops (N, S, S, 3) from
-        :func:`models.preprocess.crop_image`, and the model that made them."""
+        :func:`models.preprocess.decode_and_crop`, and the model that made them."""
         model = self._loaded
         if model is None:
             raise ModelNotLoaded("no model version is loaded yet")

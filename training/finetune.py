@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
+
+from models.preprocess import normalise_crops
 
 from .backbones import Backbone
 from .data import LabelledImages
@@ -28,18 +32,24 @@ class FinetuneResult:
     best_epoch: int | None = None
 
 
-def _train_transform(backbone: Backbone):  # type: ignore[no-untyped-def]
+def _train_transform(backbone: Backbone) -> Callable[[Image.Image], torch.Tensor]:
+    """Augmentation on the thumbnail, then the normaliser every other path uses (the same
+    float32 values as torchvision's ``ToTensor`` + ``Normalize``)."""
     from torchvision import transforms
 
     cfg = backbone.preprocess
     interpolation = transforms.InterpolationMode(cfg.interpolation)
-    return transforms.Compose([
+    augment = transforms.Compose([
         transforms.RandomResizedCrop(cfg.input_size, scale=(0.5, 1.0), interpolation=interpolation),
         transforms.RandomHorizontalFlip(),
         transforms.ColorJitter(0.2, 0.2, 0.2),
-        transforms.ToTensor(),
-        transforms.Normalize(cfg.mean, cfg.std),
     ])
+
+    def transform(image: Image.Image) -> torch.Tensor:
+        crop = np.asarray(augment(image))
+        return torch.from_numpy(normalise_crops(crop[None], cfg)[0])
+
+    return transform
 
 
 def _freeze_batchnorm(model: nn.Module) -> None:

@@ -19,11 +19,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from models.hardware import cpu_count
 from models.errors import DatasetError
+from models.hardware import cpu_count
 from models.head import fit_linear_head
 from models.onnx_io import cpu_session, run_in_batches, softmax
-from models.preprocess import decode_image, load_image_bytes, preprocess_image
+from models.preprocess import decode_image, preprocess_image
 from models.spec import ModelSpec, PreprocessConfig
 from store.registry import ModelRegistry, ModelVersion
 
@@ -218,7 +218,7 @@ def bootstrap(registry: ModelRegistry, *, force: bool = False) -> ModelVersion |
     config = backbone.preprocess
     samples = sorted(SAMPLES_DIR.glob("*.jpg"))
     parity_inputs = np.stack(
-        [preprocess_image(decode_image(load_image_bytes(p)), config) for p in samples]
+        [preprocess_image(decode_image(p.read_bytes()), config) for p in samples]
     )
     spec = ModelSpec(
         labels=tuple(imagenet_labels()),

@@ -26,7 +26,7 @@ import pytest
 from PIL import Image
 
 from models.onnx_io import cpu_session, softmax
-from models.preprocess import preprocess
+from models.preprocess import decode_and_crop, normalise_crops
 from store.state import open_state
 from service.limits import MAX_FILENAME_BYTES
 from tests.conftest import ROOT
@@ -89,7 +89,8 @@ class Reference:
         self.session = cpu_session(version.onnx_path)
 
     def probabilities(self, data: bytes) -> np.ndarray:
-        inputs = preprocess(data, self.preprocess, fast=True)[None]  # the service's path
+        inputs = normalise_crops(decode_and_crop(data, self.preprocess)[None],
+                                 self.preprocess)  # the service's path
         logits = self.session.run(None, {self.session.get_inputs()[0].name: inputs})[0]
         return softmax(logits)[0]
 

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from models.onnx_io import cpu_session, run_in_batches, softmax
-from models.preprocess import preprocess
+from models.preprocess import decode_and_crop, normalise_crops
 from store.state import open_state
 from tests.conftest import ROOT, jpeg_files
 
@@ -198,7 +198,9 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_result(
 ) -> None:
     photos = [p.read_bytes() for p in jpeg_files(hymenoptera, "ants")[:12] + jpeg_files(hymenoptera, "bees")[:12]]
     version = open_state(home=bootstrapped_home).registry.get("v1")
-    inputs = np.stack([preprocess(b, version.spec.preprocess, fast=True) for b in photos])  # as served
+    inputs = normalise_crops(  # as served
+        np.stack([decode_and_crop(b, version.spec.preprocess) for b in photos]),
+        version.spec.preprocess)
     logits, _ = run_in_batches(cpu_session(version.onnx_path), inputs, batch_size=1)
     expected = softmax(logits)
     before = batch_sizes(client.get("/metrics").text)

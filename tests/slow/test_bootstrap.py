@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from models.onnx_io import cpu_session, run_in_batches, softmax
-from models.preprocess import preprocess
+from models.preprocess import preprocess_image
 from store.state import open_state
 from tests.conftest import ROOT, subprocess_env
 
@@ -20,15 +20,11 @@ pytestmark = pytest.mark.slow
 
 
 def classify(home: Path, photo: np.ndarray) -> list[int]:
-    import io
-
     from PIL import Image
 
     version = open_state(home=home).registry.active()
     assert version is not None
-    buffer = io.BytesIO()
-    Image.fromarray(photo).save(buffer, format="PNG")
-    x = preprocess(buffer.getvalue(), version.spec.preprocess)[None]
+    x = preprocess_image(Image.fromarray(photo), version.spec.preprocess)[None]
     logits, _ = run_in_batches(cpu_session(version.onnx_path), x)
     return np.argsort(-softmax(logits)[0])[:3].tolist()
 

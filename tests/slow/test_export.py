@@ -11,10 +11,10 @@ import torch
 
 from models.errors import ExportError
 from models.onnx_io import check_onnx_contract, cpu_session, run_in_batches
-from models.preprocess import load_image_bytes, preprocess
+from models.preprocess import decode_image, preprocess_image
+from tests.conftest import jpeg_files
 from training.backbones import ClassifierWithEmbedding, create_backbone
 from training.export import check_parity, export_onnx
-from tests.conftest import jpeg_files
 
 pytestmark = pytest.mark.slow
 
@@ -24,7 +24,8 @@ def exported(tmp_path_factory: pytest.TempPathFactory, hymenoptera: Path):
     backbone = create_backbone()
     backbone.reset_head(2)
     photos = jpeg_files(hymenoptera, "ants")[:3] + jpeg_files(hymenoptera, "bees")[:3]
-    inputs = np.stack([preprocess(load_image_bytes(p), backbone.preprocess) for p in photos])
+    inputs = np.stack([preprocess_image(decode_image(p.read_bytes()), backbone.preprocess)
+                       for p in photos])
     path = tmp_path_factory.mktemp("export") / "model.onnx"
     parity = export_onnx(backbone.model, path, inputs)
     return backbone, path, inputs, parity

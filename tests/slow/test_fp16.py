@@ -10,9 +10,9 @@ import onnxruntime as ort
 import pytest
 
 from models.onnx_io import cpu_session, run_in_batches, serving_graph
-from models.preprocess import preprocess
-from store.state import open_state
+from models.preprocess import decode_image, preprocess_image
 from models.spec import ONNX_EMBEDDING, ONNX_INPUT, ONNX_LOGITS
+from store.state import open_state
 
 pytestmark = pytest.mark.slow
 
@@ -20,7 +20,8 @@ pytestmark = pytest.mark.slow
 def test_fp16_agrees_with_fp32_on_the_hymenoptera_photos(bootstrapped_home: Path, hymenoptera: Path) -> None:
     version = open_state(home=bootstrapped_home).registry.get("v1")
     photos = sorted(hymenoptera.rglob("*.jpg"))
-    inputs = np.stack([preprocess(p.read_bytes(), version.spec.preprocess) for p in photos])
+    inputs = np.stack([preprocess_image(decode_image(p.read_bytes()), version.spec.preprocess)
+                       for p in photos])
     options = ort.SessionOptions()
     options.log_severity_level = 3
     half = ort.InferenceSession(serving_graph(version.onnx_path, fp16=True), options, providers=["CPUExecutionProvider"])

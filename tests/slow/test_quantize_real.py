@@ -12,7 +12,7 @@ import pytest
 
 from models.head import fit_linear_head
 from models.onnx_io import check_onnx_contract, cpu_session, read_head, replace_head, run_in_batches
-from models.preprocess import load_image_bytes, preprocess
+from models.preprocess import decode_image, preprocess_image
 from store.registry import INT8_ONNX_FILENAME
 from store.state import open_state
 from tests.conftest import make_subset
@@ -29,7 +29,8 @@ def test_real_network_int8_variant(bootstrapped_home: Path, hymenoptera: Path, t
     photos = sorted(folder.rglob("*.jpg"))
     labels = ("ants", "bees")
     targets = np.array([labels.index(p.parent.name) for p in photos])
-    inputs = np.stack([preprocess(load_image_bytes(p), base.spec.preprocess) for p in photos])
+    inputs = np.stack([preprocess_image(decode_image(p.read_bytes()), base.spec.preprocess)
+                       for p in photos])
     _, embeddings = run_in_batches(cpu_session(base.onnx_path), inputs)
     head = fit_linear_head(embeddings, targets, 2, seed=0)
     graph = tmp_path / "ants-bees.onnx"

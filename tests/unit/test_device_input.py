@@ -10,13 +10,13 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from models.onnx_io import PIXELS_INPUT, cpu_session, run_bound, serving_graph
+from models.onnx_io import PIXELS_INPUT, cpu_session, pixels_input_graph, run_bound, serving_graph
 from models.preprocess import normalise_crops
-from store.local.registry import DirectoryRegistry
 from models.spec import ONNX_EMBEDDING, ONNX_INPUT, ONNX_LOGITS, PreprocessConfig
 from service.providers import CPU, CUDA, TENSORRT
 from service.runtime import ModelRuntime, feeds_pixels
 from service.settings import Settings
+from store.local.registry import DirectoryRegistry
 from tests.conftest import TINY_SIZE
 from tests.unit.test_quantize import write_conv_onnx
 from tests.unit.test_registry import registry_with
@@ -50,9 +50,25 @@ def test_the_pixels_graph_takes_uint8_crops_and_computes_what_the_host_did(conv_
     plain = cpu_session(conv_onnx, intra_op_threads=1)
     want_logits, want_embedding = plain.run([ONNX_LOGITS, ONNX_EMBEDDING], {ONNX_INPUT: normalise_crops(batch, CONFIG)})
     got_logits, got_embedding = pixels.run([ONNX_LOGITS, ONNX_EMBEDDING], {PIXELS_INPUT: batch})
-    # the same float32 operations in the same order as the host's lookup table
+    # the same network input (see below); sessions with other thread counts may sum differently
     np.testing.assert_allclose(got_embedding, want_embedding, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(got_logits, want_logits, rtol=1e-6, atol=1e-5)
+
+
+def test_the_pixels_graph_normalises_with_the_hosts_table(conv_onnx: Path) -> None:
+    """Not the same arithmetic written twice: the graph looks every level up in the table the host
+    normalises with (``normalisation_table``), so both give the network the same float32 input."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    model = pixels_input_graph(onnx.load(conv_onnx), CONFIG)
+    normalised = helper.make_tensor_value_info("pixels_normalised", TensorProto.FLOAT, None)
+    model.graph.output.append(normalised)
+    size = TINY_SIZE  # every level 0..255 in every channel
+    levels = np.resize(np.arange(256, dtype=np.uint8), (256 // size**2 + 1, size, size))
+    batch = np.stack([levels, 255 - levels, np.roll(levels, 1)], axis=-1)
+    got = session(model.SerializeToString()).run(["pixels_normalised"], {PIXELS_INPUT: batch})[0]
+    np.testing.assert_array_equal(got, normalise_crops(batch, CONFIG))
 
 
 def test_pixels_and_fp16_combine(conv_onnx: Path) -> None:

@@ -21,6 +21,7 @@ import pytest
 from PIL import Image
 
 from models.errors import ImageDecodeError, ImageTooLargeError, InputError
+from service.errors import input_status
 from store.labels import ImageNotFoundError, InvalidLabelError, validate_label
 from store.local import database as db
 from store.local.database import Database
@@ -147,7 +148,7 @@ def test_counts_and_total(store: SqliteLabelStore, photos: list[bytes]) -> None:
 def test_read_unknown_or_malformed_id_is_not_found(store: SqliteLabelStore) -> None:
     with pytest.raises(ImageNotFoundError, match="no stored image") as info:
         store.read("0" * 64)
-    assert info.value.status_code == 404
+    assert input_status(info.value) == 404
     with pytest.raises(ImageNotFoundError, match="not an image id"):
         store.read("../../etc/passwd")
 
@@ -212,7 +213,7 @@ def test_valid_labels(label: str) -> None:
 def test_invalid_labels_are_refused_with_the_rule(store: SqliteLabelStore, label: str, message: str) -> None:
     with pytest.raises(InvalidLabelError, match=message) as info:
         validate_label(label)
-    assert isinstance(info.value, InputError) and info.value.status_code == 422
+    assert isinstance(info.value, InputError) and input_status(info.value) == 422
     with pytest.raises(InvalidLabelError):
         store.add(png(0), label, max_pixels=MAX_PIXELS)
     assert total(store) == 0 and stored_files(store) == []

@@ -19,10 +19,10 @@ from PIL import Image, ImageOps
 from models.errors import ImageDecodeError, ImageTooLargeError
 from models.preprocess import (
     DEFAULT_MAX_PIXELS,
+    decode_and_crop,
     decode_image,
-    load_image_bytes,
-    preprocess,
-    preprocess_batch,
+    normalisation_table,
+    normalise_crops,
     preprocess_image,
     to_rgb,
 )
@@ -61,7 +61,7 @@ def sample_photos(hymenoptera: Path) -> list[Path]:
 
 @pytest.fixture(scope="module")
 def photo_bytes(hymenoptera: Path) -> bytes:
-    return load_image_bytes(sample_photos(hymenoptera)[0])
+    return sample_photos(hymenoptera)[0].read_bytes()
 
 
 def rgb_pixels(data: bytes) -> np.ndarray:
@@ -76,7 +76,7 @@ def rgb_pixels(data: bytes) -> np.ndarray:
 @pytest.fixture(scope="module")
 def reference_photos(hymenoptera: Path) -> list[tuple[str, Image.Image]]:
     skimage_data = pytest.importorskip("skimage.data")
-    photos = [(p.name, decode_image(load_image_bytes(p))) for p in sample_photos(hymenoptera)]
+    photos = [(p.name, decode_image(p.read_bytes())) for p in sample_photos(hymenoptera)]
     photos.append(("chelsea", Image.fromarray(skimage_data.chelsea())))
     photos.append(("coffee", Image.fromarray(skimage_data.coffee())))
     rng = np.random.default_rng(0)
@@ -164,7 +164,7 @@ def test_normalisation_and_layout() -> None:
 
 def test_one_pixel_image() -> None:
     data = encode(Image.new("RGB", (1, 1), (200, 100, 50)), "PNG")
-    out = preprocess(data, PreprocessConfig())
+    out = preprocess_image(decode_image(data), PreprocessConfig())
     assert out.shape == (3, 224, 224)
     assert out.dtype == np.float32
     assert np.isfinite(out).all()
@@ -421,7 +421,7 @@ def test_size_is_checked_before_decoding() -> None:
     with pytest.raises(ImageTooLargeError, match="100000x100000"):
         decode_image(claim)
     with pytest.raises(ImageTooLargeError):
-        preprocess_batch([claim], PreprocessConfig())
+        decode_and_crop(claim, PreprocessConfig())
 
 
 def test_small_limit_on_a_normal_photo(photo_bytes: bytes) -> None:
@@ -495,58 +495,33 @@ def test_errors_are_input_errors() -> None:
         decode_image(b"xx")
 
 
-# ------------------------------------------------------------------------------- batches
+# ------------------------------------------------------------------------- normalisation
 
 
-def test_batch_shape_dtype_and_order() -> None:
+def test_normalised_batch_shape_dtype_and_order() -> None:
     config = PreprocessConfig(input_size=32, crop_pct=1.0)
     colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255)]
     items = [encode(Image.new("RGB", (40, 30), colour), "PNG") for colour in colours]
-    batch = preprocess_batch(items, config)
+    batch = normalise_crops(np.stack([decode_and_crop(data, config) for data in items]), config)
     assert batch.shape == (3, 3, 32, 32)
     assert batch.dtype == np.float32 and batch.flags.c_contiguous
-    for index, data in enumerate(items):
-        np.testing.assert_array_equal(batch[index], preprocess(data, config))
+    for index in range(len(items)):
         assert batch[index, :, 16, 16].argmax() == index  # the channel that is lit
 
 
-def test_batch_error_names_the_item() -> None:
-    good = encode(Image.new("RGB", (8, 8)), "PNG")
-    with pytest.raises(ImageDecodeError, match=r"^image 2: .*empty"):
-        preprocess_batch([good, good, b"", good], PreprocessConfig())
-    with pytest.raises(ImageTooLargeError, match=r"^image 1: .*limit"):
-        preprocess_batch(
-            [good, encode(Image.new("RGB", (20, 20)), "PNG")], PreprocessConfig(), max_pixels=100
-        )
-
-
-def test_empty_batch() -> None:
-    with pytest.raises(ValueError, match="at least one"):
-        preprocess_batch([], PreprocessConfig())
-
-
-def test_load_image_bytes(tmp_path: Path) -> None:
-    data = encode(Image.new("RGB", (2, 2)), "PNG")
-    path = tmp_path / "x.png"
-    path.write_bytes(data)
-    assert load_image_bytes(path) == data
-    assert load_image_bytes(str(path)) == data
-
-
-def test_crop_then_normalise_equals_preprocess_exactly(hymenoptera) -> None:
+def test_crop_then_normalise_equals_preprocess_image_exactly(hymenoptera: Path) -> None:
     """The service sends uint8 crops between processes and normalises in the inference worker:
-    the result must be bit-identical to the one-step path training evaluates with."""
-    from models.preprocess import crop_image, normalise_crops
-
+    on the exact crop, the result must be bit-identical to the training transform's."""
     config = PreprocessConfig(input_size=224, crop_pct=0.875, interpolation="bicubic", mean=(0.5,) * 3, std=(0.5,) * 3)
-    photos = sorted((hymenoptera / "bees").glob("*.jpg"))[:3]
-    images = [decode_image(p.read_bytes()) for p in photos]
-    crops = np.stack([crop_image(image, config) for image in images])
+    blobs = [p.read_bytes() for p in sorted((hymenoptera / "bees").glob("*.jpg"))[:3]]
+    crops = np.stack([decode_and_crop(data, config, fast=False) for data in blobs])
     assert crops.dtype == np.uint8 and crops.shape == (3, 224, 224, 3)
-    expected = np.stack([preprocess_image(image, config) for image in images])
+    expected = np.stack([preprocess_image(decode_image(data), config) for data in blobs])
     np.testing.assert_array_equal(normalise_crops(crops, config), expected)
     with pytest.raises(ValueError, match="uint8 crops"):
         normalise_crops(crops.astype(np.float32), config)
+    table = normalisation_table(config)  # shared by every caller: nobody may change it
+    assert table.shape == (3, 256) and table.dtype == np.float32 and not table.flags.writeable
 
 
 # ------------------------------------------------------- fast path (the service's) vs exact
@@ -569,14 +544,12 @@ def mean_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
 @pytest.fixture(scope="module")
 def hymenoptera_crops(hymenoptera: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """name -> (exact crop, fast crop) for every training photo, default (bootstrap) config."""
-    from models.preprocess import decode_and_crop
-
     config = PreprocessConfig()
     out = {}
     for path in sorted(p for p in hymenoptera.rglob("*") if p.suffix.lower() in {".jpg", ".png", ".gif"}):
         data = path.read_bytes()
         out[f"{path.parent.name}/{path.name}"] = (
-            decode_and_crop(data, config),
+            decode_and_crop(data, config, fast=False),
             decode_and_crop(data, config, fast=True),
         )
     return out
@@ -618,8 +591,6 @@ def with_orientation(jpeg: bytes, orientation: int) -> bytes:
 def test_fast_path_stays_close_to_exact_on_every_hymenoptera_photo(
     hymenoptera_crops: dict[str, tuple[np.ndarray, np.ndarray]], hymenoptera: Path
 ) -> None:
-    from models.preprocess import crop_image, decode_and_crop
-
     assert len(hymenoptera_crops) > 200
     diffs = {}
     for name, (exact, fast) in hymenoptera_crops.items():
@@ -630,17 +601,14 @@ def test_fast_path_stays_close_to_exact_on_every_hymenoptera_photo(
     # Most photos are about 500 x 375: no reduced decoding, only the crop window's resampling
     # rounds differently; on average far below the bound (measured: 0.01).
     assert np.mean(list(diffs.values())) < 0.1
-    # The default stays the exact (timm-parity) path.
-    for path in sample_photos(hymenoptera)[:2]:
-        data = path.read_bytes()
-        np.testing.assert_array_equal(
-            decode_and_crop(data, PreprocessConfig()), crop_image(decode_image(data), PreprocessConfig())
-        )
+    # The default is the serving (fast) path.
+    data, config = sample_photos(hymenoptera)[0].read_bytes(), PreprocessConfig()
+    np.testing.assert_array_equal(decode_and_crop(data, config), decode_and_crop(data, config, fast=True))
 
 
 @pytest.mark.parametrize("kind", ["upscaled photo", "photo mosaic"])
 def test_fast_path_on_a_12_megapixel_jpeg(kind: str, hymenoptera: Path) -> None:
-    from models.preprocess import _decode, decode_and_crop
+    from models.preprocess import _decode
 
     if kind == "upscaled photo":
         source = decode_image(sample_photos(hymenoptera)[0].read_bytes())
@@ -651,7 +619,7 @@ def test_fast_path_on_a_12_megapixel_jpeg(kind: str, hymenoptera: Path) -> None:
     config = PreprocessConfig()
     # Decoded at 1/4 scale: 750 rows is the least that keeps 2 x 256 (1/8 would give 375).
     assert _decode(data, max_pixels=DEFAULT_MAX_PIXELS, min_short_side=512).image.size == (1000, 750)
-    exact = decode_and_crop(data, config)
+    exact = decode_and_crop(data, config, fast=False)
     fast = decode_and_crop(data, config, fast=True)
     assert fast.shape == (224, 224, 3)
     assert mean_abs_diff(exact, fast) < FAST_MEAN_BOUND  # measured: 0.17 upscaled, 0.46 mosaic
@@ -661,7 +629,7 @@ def test_fast_path_on_a_12_megapixel_jpeg(kind: str, hymenoptera: Path) -> None:
 def test_fast_path_keeps_exif_orientation_and_geometry(orientation: int, odd_mosaic_jpeg: bytes) -> None:
     """Every orientation of a reduced-scale decode lands on the same pixels as the exact path
     (a wrong edge after the transpose shifts the crop by part of a pixel: 2 to 5 levels here)."""
-    from models.preprocess import _decode, decode_and_crop
+    from models.preprocess import _decode
 
     data = with_orientation(odd_mosaic_jpeg, orientation)
     assert decode_image(data).size == ((3003, 4001) if orientation >= 5 else (4001, 3003))
@@ -670,7 +638,7 @@ def test_fast_path_keeps_exif_orientation_and_geometry(orientation: int, odd_mos
     assert decoded.size == upright
     assert decoded.image.size == ((751, 1001) if orientation >= 5 else (1001, 751))
     config = PreprocessConfig()
-    exact = decode_and_crop(data, config)
+    exact = decode_and_crop(data, config, fast=False)
     fast = decode_and_crop(data, config, fast=True)
     assert mean_abs_diff(exact, fast) < FAST_MEAN_BOUND  # measured: 0.42-0.43
 
@@ -678,7 +646,7 @@ def test_fast_path_keeps_exif_orientation_and_geometry(orientation: int, odd_mos
 @pytest.mark.parametrize("kind", ["greyscale", "CMYK", "progressive", "MPO"])
 def test_fast_path_on_other_kinds_of_jpeg(kind: str, odd_mosaic: Image.Image) -> None:
     """Reduced-scale decoding keeps each JPEG flavour's mode conversion (and MPO's first frame)."""
-    from models.preprocess import _decode, decode_and_crop
+    from models.preprocess import _decode
 
     image = odd_mosaic.crop((0, 0, 2401, 1601))  # decoded at 1/2 scale: 1201 x 801
     if kind == "greyscale":
@@ -693,21 +661,18 @@ def test_fast_path_on_other_kinds_of_jpeg(kind: str, odd_mosaic: Image.Image) ->
     decoded = _decode(data, max_pixels=DEFAULT_MAX_PIXELS, min_short_side=512)
     assert decoded.image.size == (1201, 801) and decoded.image.mode == "RGB"
     config = PreprocessConfig()
-    assert mean_abs_diff(decode_and_crop(data, config), decode_and_crop(data, config, fast=True)) < FAST_MEAN_BOUND
+    exact = decode_and_crop(data, config, fast=False)
+    assert mean_abs_diff(exact, decode_and_crop(data, config, fast=True)) < FAST_MEAN_BOUND
 
 
 def test_fast_crop_of_a_large_image_that_is_not_a_jpeg(odd_mosaic: Image.Image) -> None:
     """No reduced decoding here: reducing_gap box-reduces 3003 rows by 3 before the filter."""
-    from models.preprocess import crop_image
-
     config = PreprocessConfig()
-    exact = crop_image(odd_mosaic, config)
-    fast = crop_image(odd_mosaic, config, fast=True)
-    assert mean_abs_diff(exact, fast) < FAST_MEAN_BOUND
+    ppm = encode(odd_mosaic, "PPM")  # lossless and quick to write
     png = encode(odd_mosaic.crop((0, 0, 1600, 1200)), "PNG", compress_level=1)
-    from models.preprocess import decode_and_crop
-
-    assert mean_abs_diff(decode_and_crop(png, config), decode_and_crop(png, config, fast=True)) < FAST_MEAN_BOUND
+    for data in (ppm, png):
+        exact = decode_and_crop(data, config, fast=False)
+        assert mean_abs_diff(exact, decode_and_crop(data, config, fast=True)) < FAST_MEAN_BOUND
 
 
 @pytest.mark.parametrize("interpolation", ["bicubic", "bilinear", "nearest", "lanczos"])
@@ -715,12 +680,11 @@ def test_fast_crop_of_small_and_odd_images(
     interpolation: str, reference_photos: list[tuple[str, Image.Image]]
 ) -> None:
     """Upscaling, zero padding (1 x 1, 3 x 97) and off-by-one sizes, each interpolation."""
-    from models.preprocess import crop_image
-
     config = PreprocessConfig(interpolation=interpolation)  # type: ignore[arg-type]
     for name, image in reference_photos:
-        exact = crop_image(image, config)
-        fast = crop_image(image, config, fast=True)
+        data = encode(image, "PNG")  # lossless: the pixels of the reference image
+        exact = decode_and_crop(data, config, fast=False)
+        fast = decode_and_crop(data, config, fast=True)
         assert fast.shape == exact.shape, name
         # Uniform noise is the worst case for resampling differences (every pixel an edge;
         # measured up to 0.93 with lanczos); a misplaced crop would be ~85 levels on noise.
@@ -730,7 +694,6 @@ def test_fast_crop_of_small_and_odd_images(
 
 def test_fast_path_fails_exactly_like_the_exact_path(photo_bytes: bytes, odd_mosaic_jpeg: bytes) -> None:
     from models.errors import InputError
-    from models.preprocess import decode_and_crop
 
     large = odd_mosaic_jpeg
     bomb = handmade_png(100_000, 100_000, 8, 2, zlib.compress(b""))
@@ -754,17 +717,6 @@ def test_fast_path_fails_exactly_like_the_exact_path(photo_bytes: bytes, odd_mos
     assert decode_and_crop(large, PreprocessConfig(), max_pixels=4001 * 3003, fast=True).shape == (224, 224, 3)
 
 
-def test_fast_batch_and_preprocess_agree(photo_bytes: bytes) -> None:
-    from models.preprocess import decode_and_crop, normalise_crops
-
-    config = PreprocessConfig()
-    fast = preprocess(photo_bytes, config, fast=True)
-    np.testing.assert_array_equal(fast, preprocess_batch([photo_bytes], config, fast=True)[0])
-    np.testing.assert_array_equal(
-        fast, normalise_crops(decode_and_crop(photo_bytes, config, fast=True)[None], config)[0]
-    )
-
-
 def test_fast_path_gives_the_bootstrap_model_the_same_top1(
     bootstrapped_home: Path,
     hymenoptera_crops: dict[str, tuple[np.ndarray, np.ndarray]],
@@ -773,7 +725,6 @@ def test_fast_path_gives_the_bootstrap_model_the_same_top1(
     """The real ImageNet model on the photos where the two paths differ most (and on the 12 MP
     mosaic, upright and rotated), not on all 245: the rest differ by (nearly) nothing."""
     from models.onnx_io import cpu_session, run_in_batches, softmax
-    from models.preprocess import decode_and_crop, normalise_crops
     from store.state import open_state
 
     registry = open_state(home=bootstrapped_home).registry
@@ -785,7 +736,7 @@ def test_fast_path_gives_the_bootstrap_model_the_same_top1(
     exact = [pair[0] for pair in ranked]
     fast = [pair[1] for pair in ranked]
     for data in (odd_mosaic_jpeg, with_orientation(odd_mosaic_jpeg, 6)):
-        exact.append(decode_and_crop(data, config))
+        exact.append(decode_and_crop(data, config, fast=False))
         fast.append(decode_and_crop(data, config, fast=True))
     session = cpu_session(version.onnx_path)
     p_exact = softmax(run_in_batches(session, normalise_crops(np.stack(exact), config))[0])
