@@ -57,7 +57,7 @@ def extract(
         inputs = normalise_crops(crops, config)
         session = sessions.get()
         try:
-            logits, embeddings = run_in_batches(session, inputs, batch_size=CPU_RUN_SLICE)  # type: ignore[arg-type]
+            logits, embeddings = run_in_batches(session, inputs, batch_size=CPU_RUN_SLICE)
         finally:
             sessions.put(session)
         return batch, logits, embeddings

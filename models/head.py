@@ -81,7 +81,8 @@ def fit_linear_head(
     onehot = np.zeros((len(y), num_classes))
     onehot[np.arange(len(y)), y] = 1.0
     norm = sample_weight.sum()
-    m_w = np.zeros_like(w); v_w = np.zeros_like(w); m_b = np.zeros_like(b); v_b = np.zeros_like(b)
+    m_w, v_w = np.zeros_like(w), np.zeros_like(w)  # Adam's moment estimates
+    m_b, v_b = np.zeros_like(b), np.zeros_like(b)
     beta1, beta2, eps = 0.9, 0.999, 1e-8
     history: list[dict[str, float]] = []
 
@@ -97,8 +98,10 @@ def fit_linear_head(
         g_w = grad_logits.T @ z + params.l2 * w
         g_b = grad_logits.sum(axis=0)
         for param, grad, m, v in ((w, g_w, m_w, v_w), (b, g_b, m_b, v_b)):
-            m *= beta1; m += (1 - beta1) * grad
-            v *= beta2; v += (1 - beta2) * grad * grad
+            m *= beta1
+            m += (1 - beta1) * grad
+            v *= beta2
+            v += (1 - beta2) * grad * grad
             m_hat = m / (1 - beta1**step)
             v_hat = v / (1 - beta2**step)
             param -= params.learning_rate * m_hat / (np.sqrt(v_hat) + eps)

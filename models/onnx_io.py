@@ -181,9 +181,10 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return exp / exp.sum(axis=-1, keepdims=True)
 
 
-def _head_node(model: object) -> object:
-    """The Gemm node that turns ``embedding`` into ``logits`` (a linear layer, weight (C, D))."""
-    for node in model.graph.node:  # type: ignore[attr-defined]
+def _head_node(model: Any) -> Any:
+    """The Gemm node that turns ``embedding`` into ``logits`` (a linear layer, weight (C, D)) of an
+    ``onnx.ModelProto``."""
+    for node in model.graph.node:
         if list(node.output) == [ONNX_LOGITS]:
             trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
             if node.op_type != "Gemm" or node.input[0] != ONNX_EMBEDDING or trans_b != 1 or len(node.input) != 3:

@@ -56,7 +56,8 @@ class ParentModel:
     hashes: Sequence[str]  # (N,)
 
 
-def usable_labels(parent_labels: Sequence[str], parent_targets: np.ndarray, store_counts: Mapping[str, int]) -> list[str]:
+def usable_labels(parent_labels: Sequence[str], parent_targets: np.ndarray,
+                  store_counts: Mapping[str, int]) -> list[str]:
     """The new version's labels: the parent's that still have training data (in the parent's
     order), then new ones (sorted). Parent labels without any data (e.g. the bootstrap model's
     1000 ImageNet classes) cannot be fitted and are dropped."""
@@ -65,7 +66,8 @@ def usable_labels(parent_labels: Sequence[str], parent_targets: np.ndarray, stor
     return kept + sorted(set(store_counts) - set(kept))
 
 
-def check_retrainable(store_counts: Mapping[str, int], parent_labels: Sequence[str], parent_targets: np.ndarray) -> None:
+def check_retrainable(store_counts: Mapping[str, int], parent_labels: Sequence[str],
+                      parent_targets: np.ndarray) -> None:
     """:class:`RetrainRefused` with the reason if a retrain cannot produce a classifier."""
     if not store_counts:
         raise RetrainRefused("no labelled images: upload some with POST /admin/labels first")
@@ -74,7 +76,8 @@ def check_retrainable(store_counts: Mapping[str, int], parent_labels: Sequence[s
         raise RetrainRefused(f"every label needs at least 2 images; too few: {small}")
     labels = usable_labels(parent_labels, parent_targets, store_counts)
     if len(labels) < 2:
-        raise RetrainRefused(f"only one class ({labels[0]}); a classifier needs at least two: label images of another class")
+        raise RetrainRefused(f"only one class ({labels[0]}); a classifier needs at least two: label images of "
+                             "another class")
 
 
 def is_held_out(image_id: str, fraction: float = HELD_OUT_FRACTION) -> bool:
@@ -132,7 +135,7 @@ class HeadRetrain:
 
 
 def _accuracy(predicted: list[str], truth: list[str]) -> float:
-    return float(np.mean([p == t for p, t in zip(predicted, truth)])) if truth else 0.0
+    return float(np.mean([p == t for p, t in zip(predicted, truth, strict=True)])) if truth else 0.0
 
 
 def retrain_head(parent: ParentModel, vectors: Mapping[str, np.ndarray], labels_by_id: Mapping[str, str],

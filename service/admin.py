@@ -50,6 +50,8 @@ log = logging.getLogger(__name__)
 
 SECURITY_SCHEME = "adminToken"
 TAGS: list[str | Enum] = ["Admin"]
+#: What the state raises when a write fails: StorageError, or a backend's own error.
+STATE_ERRORS: tuple[type[Exception], ...] = (StorageError, *BACKEND_ERRORS)
 
 
 class AdminAuth:
@@ -230,7 +232,7 @@ def create_admin_app(settings: Settings, state: State) -> FastAPI:
                 raise api_error(exc, image=index, filename=names[-1]) from None
         results = await _store_labels(checked, label)
         counts = await asyncio.to_thread(state.labels.counts)
-        return LabelsStored(stored=[StoredImage.of(result, name) for name, result in zip(names, results)],
+        return LabelsStored(stored=[StoredImage.of(result, name) for name, result in zip(names, results, strict=True)],
                             counts=counts)
 
     async def _store_labels(checked: list[CheckedImage], label: str) -> Any:
@@ -269,9 +271,9 @@ def create_admin_app(settings: Settings, state: State) -> FastAPI:
               status_code=202, response_model=Job,
               responses={202: {"description": "The job, queued", "links": {
                   "GetRetrainJob": {"operationId": "admin_get_job", "parameters": {"job_id": "$response.body#/id"}}}},
-                         409: {"model": Error, "description": "A job is already queued or running (it is "
-                               "in `job`)", "links": {"GetRunningJob": {
-                                   "operationId": "admin_get_job", "parameters": {"job_id": "$response.body#/job/id"}}}},
+                         409: {"model": Error, "description": "A job is already queued or running (it is in `job`)",
+                               "links": {"GetRunningJob": {"operationId": "admin_get_job",
+                                                           "parameters": {"job_id": "$response.body#/job/id"}}}},
                          **documented(*GUARDED, 422, s422="Invalid parameters, or nothing to train on (no labels, "
                                                           "one class, a label with fewer than 2 images)")})
     async def start_retrain(params: Annotated[RetrainParams | None, Body()] = None) -> Job:
@@ -286,7 +288,7 @@ def create_admin_app(settings: Settings, state: State) -> FastAPI:
         except ModelError as exc:  # the active version is damaged: nothing to retrain from
             raise ApiError(409, f"cannot retrain from the active model version: {exc}; activate a good version "
                                 "(GET /admin/models) and retry") from None
-        except (StorageError, *BACKEND_ERRORS) as exc:  # a write the state cannot take is the operator's
+        except STATE_ERRORS as exc:  # a write the state cannot take is the operator's
             failure = storage_failure(exc, "starting the retrain job")
             if failure is None:
                 raise

@@ -54,7 +54,7 @@ def launch(jobs: JobStore, home: Path, job_id: str) -> int:
     logs.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "TRANSFER_SERVE_HOME": str(home)}
     with (logs / f"{job_id}.log").open("ab") as log_file:
-        process = subprocess.Popen(
+        process = subprocess.Popen(  # noqa: S603 - this interpreter, our module, a job id we generated
             [sys.executable, "-m", "service.retrain", job_id, "--parent-pid", str(os.getpid())],
             cwd=Path(__file__).resolve().parents[1], env=env, stdout=log_file, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,

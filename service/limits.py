@@ -126,7 +126,7 @@ class RequestGuard:
             form = await Request(scope, replay).form(max_files=10_000, max_fields=10_000)
         except OSError as exc:  # file parts over 1 MiB are spooled to the temporary directory
             raise self._spool_failure(scope, exc) from None
-        except Exception as exc:  # starlette raises MultiPartException, python-multipart others
+        except Exception as exc:  # noqa: BLE001 - Starlette raises MultiPartException, python-multipart others
             raise ApiError(400, f"malformed multipart body: {exc}") from None
         try:
             parts = form.multi_items()

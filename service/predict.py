@@ -22,7 +22,8 @@ class Prediction(BaseModel):
     model_version: str = Field(description="the model version that produced this result")
 
 
-def build_predictions(probabilities: np.ndarray, labels: Sequence[str], top_k: int, version: str) -> list[dict[str, Any]]:
+def build_predictions(probabilities: np.ndarray, labels: Sequence[str], top_k: int,
+                      version: str) -> list[dict[str, Any]]:
     """One result per row, shaped like :class:`Prediction`, its top-k labels best first; k is
     capped at the number of labels. Plain dicts: the service sends them as they are, since
     validating and serialising them through pydantic again costs CPU on every request
@@ -32,7 +33,7 @@ def build_predictions(probabilities: np.ndarray, labels: Sequence[str], top_k: i
     best = np.argpartition(-probabilities, k - 1, axis=1)[:, :k]
     order = np.take_along_axis(best, np.argsort(-np.take_along_axis(probabilities, best, 1), axis=1), 1)
     results = []
-    for row, indices in zip(probabilities.tolist(), order.tolist()):
+    for row, indices in zip(probabilities.tolist(), order.tolist(), strict=True):
         top = [{"label": labels[i], "score": row[i]} for i in indices]
         results.append({"label": top[0]["label"], "score": top[0]["score"], "top_k": top, "model_version": version})
     return results

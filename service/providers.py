@@ -65,7 +65,8 @@ def select_providers(settings: Settings, available: list[str], gpus: int) -> Pro
     if not gpus:
         raise ProviderError(f"TRANSFER_SERVE_PROVIDERS={choice} but no usable GPU was found")
     if CUDA not in available:
-        raise ProviderError(f"TRANSFER_SERVE_PROVIDERS={choice} but this onnxruntime has no CUDA provider ({available})")
+        raise ProviderError(f"TRANSFER_SERVE_PROVIDERS={choice} but this onnxruntime has no CUDA provider "
+                            f"({available})")
     if settings.cuda_device_id >= gpus:
         raise ProviderError(f"TRANSFER_SERVE_CUDA_DEVICE_ID={settings.cuda_device_id} but only {gpus} GPU(s) present")
     chosen: ProviderList = [(CUDA, cuda_options(settings))] + cpu

@@ -69,7 +69,7 @@ def embed_missing(parent: ModelVersion, labels: LabelStore, cache: EmbeddingCach
     done = 0
     for batch, _, embeddings in extract(parent.onnx_path, missing, labels.read, parent.spec.preprocess,
                                         workers=threads, batch_size=EMBED_BATCH):
-        computed = dict(zip(batch, embeddings))
+        computed = dict(zip(batch, embeddings, strict=True))
         cache.put_many(computed, fingerprint)
         found.update(computed)
         done += len(batch)

@@ -68,7 +68,6 @@ class ModelRuntime:
         self._loaded: LoadedModel | None = None
         # the pointer (version, activated_at) that last failed: not retried until it changes
         self._failed_pointer: tuple[str, str] | None = None
-        self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
 
     # -- loading ------------------------------------------------------------------------------
@@ -150,7 +149,7 @@ class ModelRuntime:
                 continue
             try:
                 loaded = self._session(version)
-            except Exception as exc:  # any failure here must leave the old model serving
+            except Exception as exc:  # noqa: BLE001 - any failure here must leave the old model serving
                 self._failed_pointer = key
                 log.error("could not load model version %s, still serving %s: %s",
                           active, current.version if current else "nothing", exc)
@@ -202,11 +201,9 @@ class ModelRuntime:
         self._watcher.start()
 
     def _watch(self) -> None:
-        while not self._stop.wait(self.poll_seconds):
+        while True:  # a daemon thread: it ends with the worker
+            time.sleep(self.poll_seconds)
             self.refresh()
-
-    def stop(self) -> None:
-        self._stop.set()
 
     # -- serving ------------------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, cast
 
 import bentoml
 import numpy as np
@@ -162,7 +162,9 @@ class TransferServe:
                         f"files of at most {settings.max_file_bytes} bytes and {settings.max_pixels} pixels each, "
                         f"{settings.max_request_bytes} bytes in all",
             json_schema_extra={"minItems": 1, "maxItems": settings.max_files})],
-        top_k: Annotated[int, Field(ge=1, description="how many labels to return per image (capped at the number of labels)")] = settings.default_top_k,
+        top_k: Annotated[int, Field(
+            ge=1, description="how many labels to return per image (capped at the number of labels)")
+        ] = settings.default_top_k,
     ) -> list[Prediction]:
         """Classify one or more images; one result per image, in the order sent."""
         from starlette.responses import JSONResponse
@@ -200,8 +202,10 @@ class TransferServe:
             return exc.response()  # type: ignore[return-value]
 
 
-TransferServe.add_asgi_middleware(RequestGuard, max_bytes=settings.max_request_bytes, max_files=settings.max_files,
-                                  max_file_bytes=settings.max_file_bytes, before_body=admin_gate(settings))
-TransferServe.mount_asgi_app(create_admin_app(settings, state), path="/admin", name="admin")
-TransferServe.add_asgi_middleware(OpenAPIDocument, service=TransferServe, predict_errors=PREDICT_ERRORS)
-TransferServe.add_asgi_middleware(JSONRoutingErrors)  # 404/405 as {"error": ...}, not plain text
+# @bentoml.service made the class a bentoml.Service, which its type hints do not tell mypy
+_service = cast("bentoml.Service[TransferServe]", TransferServe)
+_service.add_asgi_middleware(RequestGuard, max_bytes=settings.max_request_bytes, max_files=settings.max_files,
+                             max_file_bytes=settings.max_file_bytes, before_body=admin_gate(settings))
+_service.mount_asgi_app(create_admin_app(settings, state), path="/admin", name="admin")
+_service.add_asgi_middleware(OpenAPIDocument, service=TransferServe, predict_errors=PREDICT_ERRORS)
+_service.add_asgi_middleware(JSONRoutingErrors)  # 404/405 as {"error": ...}, not plain text

@@ -21,14 +21,16 @@ class Settings(StoreSettings):
     included. Environment variable = ``TRANSFER_SERVE_`` + field name in capitals
     (``max_files`` is ``TRANSFER_SERVE_MAX_FILES``)."""
 
-    workers: int = Field(0, ge=0, le=64, description="HTTP worker processes (decode + preprocess); 0 = derived from the cores")
+    workers: int = Field(0, ge=0, le=64,
+                         description="HTTP worker processes (decode + preprocess); 0 = derived from the cores")
     inference_workers: int = Field(
         0, ge=0, le=64,
         description="onnxruntime worker processes (adaptive batching happens in each); 0 = one per "
-        "core on a CPU host (measured fastest: single-thread sessions in parallel beat one session "
-        "with a thread per core, whose threads spin), 1 with CUDA",
+        "core on a CPU host (single-thread sessions in parallel beat one session with a thread per "
+        "core, whose threads spin: bench/README.md), 1 with CUDA",
     )
-    intra_op_threads: int = Field(0, ge=0, le=256, description="onnxruntime threads per inference worker; 0 = cores / inference_workers")
+    intra_op_threads: int = Field(0, ge=0, le=256,
+                                  description="onnxruntime threads per inference worker; 0 = cores / inference_workers")
     max_batch_size: int = Field(32, ge=2, le=1024, description="largest batch the adaptive batcher forms (at least 2: "
                                 "BentoML refuses a batchable API of 1)")
     max_latency_ms: int = Field(
@@ -53,7 +55,8 @@ class Settings(StoreSettings):
     max_request_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="largest request body (413 above)")
     max_pixels: int = Field(40_000_000, ge=1, description="largest decoded image, width x height (413 above)")
     default_top_k: int = Field(5, ge=1)
-    admin_token: SecretStr | None = Field(None, description="bearer token for /admin/*; unset = admin routes refuse every call")
+    admin_token: SecretStr | None = Field(
+        None, description="bearer token for /admin/*; unset = admin routes refuse every call")
 
     @field_validator("admin_token")
     @classmethod

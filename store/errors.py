@@ -86,9 +86,9 @@ def storage_failure(exc: BaseException, operation: str) -> StorageError | None:
         elif isinstance(current, shutil.Error):
             for entry in current.args[0] if current.args and isinstance(current.args[0], list) else []:
                 text = str(entry[-1]) if isinstance(entry, tuple) and entry else str(entry)
-                for strerror, code in _STRERRORS.items():
+                for strerror, errno_code in _STRERRORS.items():
                     if strerror in text:
-                        problem, hint = _ERRNO_HINTS[code]
+                        problem, hint = _ERRNO_HINTS[errno_code]
                         return StorageError(operation, problem, hint, strerror)
         elif isinstance(current, OSError) and current.errno in _ERRNO_HINTS:
             problem, hint = _ERRNO_HINTS[current.errno]

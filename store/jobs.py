@@ -47,10 +47,6 @@ class Job(BaseModel):
     updated_at: str
     finished_at: str | None
 
-    @property
-    def active(self) -> bool:
-        return self.state not in FINAL_STATES
-
 
 class JobConflict(Exception):
     """A job is already queued or running."""

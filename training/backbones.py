@@ -12,6 +12,7 @@ import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -30,12 +31,18 @@ class BackboneError(ModelError):
     """The backbone cannot be built or its weights do not fit the architecture."""
 
 
+#: A timm classifier: an ``nn.Module`` with timm's interface too (``num_features``,
+#: ``pretrained_cfg``, ``get_classifier``, ``reset_classifier``, ``forward_features``,
+#: ``forward_head``), which torch's type hints cannot know of.
+TimmModel = Any
+
+
 @dataclass
 class Backbone:
     """A timm classifier network plus what is needed to use it."""
 
     name: str  #: timm architecture name, enough to rebuild the network
-    model: nn.Module
+    model: TimmModel
     preprocess: PreprocessConfig
 
     @property
@@ -52,7 +59,7 @@ class Backbone:
         return backbone_fingerprint(self.model)
 
 
-def backbone_fingerprint(model: nn.Module) -> str:
+def backbone_fingerprint(model: TimmModel) -> str:
     classifier_prefix = model.pretrained_cfg.get("classifier", "classifier") + "."
     digest = hashlib.sha256()
     for key, tensor in model.state_dict().items():
@@ -108,7 +115,7 @@ def create_backbone(
 
     arch = OFFLINE_BACKBONES.get(name, name)
     try:
-        model = timm.create_model(arch, pretrained=False)
+        model: TimmModel = timm.create_model(arch, pretrained=False)
     except RuntimeError as exc:  # timm: "Unknown model"
         raise BackboneError(f"unknown backbone '{name}': {exc}") from exc
     if checkpoint is not None:
@@ -144,7 +151,7 @@ class ClassifierWithEmbedding(nn.Module):
     """The exported graph: image batch -> (logits, embedding). The embedding is the pooled
     feature vector the head sees, which is what head-only retraining fits on."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: TimmModel) -> None:
         super().__init__()
         self.model = model
 

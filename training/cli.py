@@ -19,6 +19,8 @@ from models.preprocess import DEFAULT_MAX_PIXELS
 from store.settings import StoreSettings
 from store.state import open_state
 
+DATA_HELP = "labelled folder (one subfolder per class) or CSV manifest (path,label)"
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__.splitlines()[0])
@@ -31,7 +33,7 @@ def _parser() -> argparse.ArgumentParser:
     boot.add_argument("--json", action="store_true")
 
     fit = sub.add_parser("fit", help="train, export, verify and register a version")
-    fit.add_argument("--data", required=True, type=Path, help="labelled folder (one subfolder per class) or CSV manifest (path,label)")
+    fit.add_argument("--data", required=True, type=Path, help=DATA_HELP)
     fit.add_argument("--strategy", choices=["head", "finetune"], default="head",
                      help="head: frozen backbone, linear head on embeddings (fast); "
                           "finetune: the whole network at a low learning rate")
@@ -50,8 +52,9 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true")
 
     imp = sub.add_parser("import", help="add a labelled folder or CSV manifest to the label store")
-    imp.add_argument("--data", required=True, type=Path, help="labelled folder (one subfolder per class) or CSV manifest (path,label)")
-    imp.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="largest image accepted, width x height")
+    imp.add_argument("--data", required=True, type=Path, help=DATA_HELP)
+    imp.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                     help="largest image accepted, width x height")
     imp.add_argument("--json", action="store_true")
 
     quant = sub.add_parser("quantize", help="add an INT8 variant (static QDQ, per-channel) to a version, "

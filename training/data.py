@@ -52,12 +52,12 @@ class LabelledImages:
 
     def class_counts(self) -> dict[str, int]:
         counts = np.bincount(self.targets, minlength=len(self.classes))
-        return {c: int(n) for c, n in zip(self.classes, counts)}
+        return {c: int(n) for c, n in zip(self.classes, counts, strict=True)}
 
     def fingerprint(self) -> str:
         """sha256 over the sorted (content hash, label) pairs: same images, same labels, same
         fingerprint, whatever the file names or order."""
-        pairs = sorted(zip(self.content_hashes, (self.classes[t] for t in self.targets)))
+        pairs = sorted(zip(self.content_hashes, (self.classes[t] for t in self.targets), strict=True))
         return hashlib.sha256("\n".join(f"{h} {label}" for h, label in pairs).encode()).hexdigest()
 
 
@@ -163,7 +163,8 @@ def stratified_split(
         raise ValueError("val_fraction must be between 0 and 1")
     targets = np.asarray(targets)
     rng = np.random.default_rng(seed)
-    train, val = [], []
+    train: list[int] = []
+    val: list[int] = []
     for cls in np.unique(targets):
         members = np.flatnonzero(targets == cls)
         rng.shuffle(members)

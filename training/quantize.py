@@ -92,7 +92,7 @@ def select_images(version: ModelVersion, data: Path, *, max_calibration: int = M
         raise ValueError("max_calibration must be at least 1")
     hashes = version.training_hashes()
     _, targets = version.training_embeddings()
-    known = {h: int(t) for h, t in zip(hashes, targets) if h}
+    known = {h: int(t) for h, t in zip(hashes, targets, strict=True) if h}
     if not known:
         raise DatasetError(f"version {version.version} records no training images (a bootstrap version?), so "
                            "there is nothing of its own to calibrate on; quantise a fitted or retrained version")

@@ -182,7 +182,7 @@ def plot_confusion_matrix(
             "(largest support + predictions)"
         )
     sub = matrix[np.ix_(shown, shown)]
-    tick_labels = [_short_label(str(labels[i])) for i in shown]
+    tick_labels = [_short_label(str(labels[int(i)])) for i in shown]
 
     k = len(shown)
     side = min(max(4.0, 0.45 * k + 2.5), 18.0)

@@ -14,7 +14,7 @@ import os
 import sqlite3
 import uuid
 from collections.abc import Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,7 +35,7 @@ _JSON_FIELDS = ("params", "metrics")
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat()
+    return datetime.now(UTC).isoformat()
 
 
 def pid_alive(pid: int | None, job_id: str | None = None) -> bool:
@@ -146,7 +146,7 @@ class SqliteJobStore(JobStore):
         failed = 0
         for row in rows:
             if row["pid"] is None and row["state"] == "queued":
-                age = datetime.now(timezone.utc) - datetime.fromisoformat(row["created_at"])
+                age = datetime.now(UTC) - datetime.fromisoformat(row["created_at"])
                 if age.total_seconds() < LAUNCH_GRACE_S:  # being launched right now
                     continue
             if not pid_alive(row["pid"], row["id"]) and self.fail(row["id"], ORPHAN_ERROR):

@@ -34,7 +34,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -148,7 +148,7 @@ class DirectoryRegistry(ModelRegistry):
             current = None
         record: dict[str, Any] = {
             "version": version,
-            "activated_at": datetime.now(timezone.utc).isoformat(),
+            "activated_at": datetime.now(UTC).isoformat(),
             "previous": list(current.history_after(version)) if current else [],
         }
         if fallback_from is not None:
@@ -252,7 +252,7 @@ class DirectoryRegistry(ModelRegistry):
         with self._locked():
             version = f"v{self._next_number()}"
             self._remove_cut_short()
-            created_at = datetime.now(timezone.utc).isoformat()
+            created_at = datetime.now(UTC).isoformat()
             info = {
                 "version": version,
                 "created_at": created_at,
