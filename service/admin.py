@@ -27,7 +27,7 @@ from starlette.routing import Match
 from models.errors import InputError, ModelError, VersionNotFoundError
 from models.preprocess import SUPPORTED_FORMATS
 from models.retrain import RetrainParams, RetrainRefused
-from store.errors import BACKEND_ERRORS, StorageError, storage_failure
+from store.errors import BACKEND_ERRORS, StorageError, StoreUnavailable, storage_failure
 from store.jobs import Job, JobConflict
 from store.labels import LABEL_PATTERN, MAX_LABEL_LENGTH, CheckedImage, check_image, validate_label
 from store.state import State
@@ -42,6 +42,7 @@ from .schemas import (
     LabelSummary,
     ModelList,
     ModelSummary,
+    Replica,
     StoredImage,
 )
 from .settings import Settings
@@ -168,6 +169,15 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     return routing_error(status, request.method, request.url.path, allowed).response()
 
 
+#: What a client that met an unreachable database or object store should wait before retrying.
+RETRY_AFTER_S = 5
+
+
+async def _unavailable(request: Request, exc: StoreUnavailable) -> JSONResponse:
+    log.warning("admin route %s: %s", request.url.path, exc)
+    return ApiError(503, str(exc), headers={"Retry-After": str(RETRY_AFTER_S)}).response()
+
+
 async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
     log.exception("admin route %s failed", request.url.path, exc_info=exc)
     return ApiError(500, "internal error; the server log has the details").response()
@@ -190,10 +200,10 @@ def create_admin_app(settings: Settings, state: State) -> FastAPI:
                         description="the server's TRANSFER_SERVE_ADMIN_TOKEN; admin routes answer 401 without a "
                                     "token, 403 with a wrong one or when the server has none")
     app = FastAPI(title="transfer-serve admin", openapi_url=None, docs_url=None, redoc_url=None,
-                  dependencies=[Security(bearer)], responses=documented(401, 403, 507),
+                  dependencies=[Security(bearer)], responses=documented(401, 403, 503, 507),
                   exception_handlers={
                       ApiError: _api_error, RequestValidationError: _validation_error, HTTPException: _http_error,
-                      StorageError: _storage_or_internal_error,
+                      StoreUnavailable: _unavailable, StorageError: _storage_or_internal_error,
                       **dict.fromkeys(BACKEND_ERRORS, _storage_or_internal_error), Exception: _internal_error})
     images_field = File(
         description=f"one or more image files ({', '.join(SUPPORTED_FORMATS)}; at most {settings.max_files}, "
@@ -350,7 +360,13 @@ def create_admin_app(settings: Settings, state: State) -> FastAPI:
                 version=version.version, active=version.version == active, created_at=summary["created_at"],
                 labels=summary["labels"], metrics=summary["metrics"], parent=summary["parent"],
                 strategy=summary["strategy"]))
-        listing = ModelList(active=active, versions=versions)
+        try:
+            replicas = [Replica(id=r.id, version=r.version, variant=r.variant, last_seen=r.last_seen)
+                        for r in state.registry.replicas()]
+        except STATE_ERRORS as exc:  # the versions stand; who serves what cannot be told
+            log.warning("GET /admin/models: cannot read the replicas' heartbeats: %s", exc)
+            replicas = []
+        listing = ModelList(active=active, versions=versions, replicas=replicas)
         if pointer and pointer.fallback_from:  # why the active version is not the one activated
             listing.fallback_from = dict(pointer.fallback_from)
         return listing

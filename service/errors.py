@@ -117,7 +117,8 @@ STATUS_TEXT = {
     413: "Too large: the request body, a file, the number of files, or an image's pixels",
     415: "Unsupported content type: send multipart/form-data or application/json",
     422: "Well-formed but unusable input",
-    503: "No model version is loaded yet, or the model was being replaced: retry shortly",
+    503: "No model version is loaded yet, the model was being replaced, or (admin routes) the shared database or "
+         "object store cannot be reached: retry shortly (Retry-After says when)",
     507: "The state directory (or the temporary directory) could not take a write: disk full, read-only "
          "volume; the body says what to fix",
 }

@@ -16,6 +16,7 @@ import logging
 import os
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -212,6 +213,23 @@ def _record_failure(jobs: JobStore, job_id: str, reason: str) -> None:
         log.exception("could not record that retrain job %s failed (%s)", job_id, reason)
 
 
+def keep_lease(jobs: JobStore, job_id: str, every_s: float) -> threading.Event:
+    """Renew the job's lease every ``every_s`` seconds in the background; the event is set once
+    the job is no longer this process's to finish."""
+    lost = threading.Event()
+
+    def renew() -> None:
+        while not lost.wait(every_s):
+            try:
+                if not jobs.renew_lease(job_id):
+                    lost.set()
+            except Exception as exc:  # noqa: BLE001 - the next renewal tells whether the lease held
+                log.warning("could not renew the lease of retrain job %s: %s", job_id, exc)
+
+    threading.Thread(target=renew, name="job-lease", daemon=True).start()
+    return lost
+
+
 def main(argv: list[str] | None = None) -> int:
     from models.hardware import cpu_count
 
@@ -232,11 +250,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     phase = "starting"
+    lease_lost = keep_lease(jobs, args.job_id, settings.job_lease_s / 3)
 
     def report(new_phase: str, progress: float) -> None:
         nonlocal phase
         if args.parent_pid and os.getppid() != args.parent_pid:
             raise SystemExit("the service stopped during the job")
+        if lease_lost.is_set():
+            raise SystemExit("the job's lease ran out (it could not reach the database in time) and another replica "
+                             "failed it; start a new job")
         jobs.record_progress(args.job_id, new_phase, progress)
         phase = new_phase
 

@@ -28,7 +28,7 @@ from models.errors import ModelError
 from models.onnx_io import CPU_RUN_SLICE, PIXELS_INPUT, run_bound, serving_graph, softmax
 from models.preprocess import normalise_crops
 from models.spec import ONNX_INPUT, ONNX_LOGITS, ModelSpec
-from store.registry import ModelRegistry, ModelVersion
+from store.registry import HEARTBEAT_S, ModelRegistry, ModelVersion
 
 from .providers import CPU, session_providers
 from .settings import Settings
@@ -193,17 +193,43 @@ class ModelRuntime:
 
     def start(self) -> None:
         """Load the active version now, then keep watching the pointer in the background."""
-        self.refresh()
+        try:
+            self.refresh()
+        except Exception as exc:  # noqa: BLE001 - the watcher retries: not ready until it loads one
+            log.warning("cannot load the active model version yet (%s); retrying", exc)
         if self._loaded is None and self._failed_pointer is None:
-            log.warning("no model version is active in %s yet; run `python -m training bootstrap`."
-                        " Not ready until one is.", self.settings.home)
+            log.warning("no model version is loaded from %s yet; run `python -m training bootstrap` if none is "
+                        "active. Not ready until one is.", self.settings.home)
         self._watcher = threading.Thread(target=self._watch, name="model-watcher", daemon=True)
         self._watcher.start()
 
+    def _heartbeat(self) -> None:
+        loaded = self._loaded
+        self.registry.report_serving(self.settings.replica_id, loaded.version if loaded else None,
+                                     loaded.variant if loaded else None)
+
     def _watch(self) -> None:
+        """Wake on an activation (or a short poll), load what is active, and say what this replica
+        serves every :data:`HEARTBEAT_S`. While the state cannot be reached, the loaded model
+        keeps serving."""
+        last_beat, trouble = 0.0, ""
         while True:  # a daemon thread: it ends with the worker
-            time.sleep(self.poll_seconds)
-            self.refresh()
+            try:
+                self.registry.wait_for_change(self.poll_seconds)
+                swapped = self.refresh()
+                if swapped or time.monotonic() - last_beat >= HEARTBEAT_S:
+                    self._heartbeat()
+                    last_beat = time.monotonic()
+            except Exception as exc:  # noqa: BLE001 - serve what is loaded until the state answers again
+                if str(exc) != trouble:
+                    log.warning("cannot follow the active model version (%s); still serving %s", exc,
+                                self._loaded.version if self._loaded else "nothing")
+                trouble = str(exc)
+                time.sleep(self.poll_seconds)
+            else:
+                if trouble:
+                    log.info("following the active model version again")
+                trouble = ""
 
     # -- serving ------------------------------------------------------------------------------
 

@@ -61,9 +61,20 @@ class ModelSummary(BaseModel):
     error: str | None = Field(None, description="what is wrong with a damaged version")
 
 
+class Replica(BaseModel):
+    """A replica that reported what it serves within the last few seconds."""
+
+    id: str = Field(description="TRANSFER_SERVE_REPLICA_ID (default: host name and port)")
+    version: str | None = Field(description="the version it serves; null while it loads none")
+    variant: str | None = Field(description="fp32, int8 or fp16")
+    last_seen: str = Field(description="its last report, ISO 8601 UTC")
+
+
 class ModelList(BaseModel):
     active: str | None = Field(description="the active version; null before the first is registered")
     versions: list[ModelSummary] = Field(description="oldest first")
+    replicas: list[Replica] = Field(description="the replicas serving this deployment, from their heartbeats "
+                                    "(one on a single machine); a replica silent for 15 s drops off")
     fallback_from: dict[str, Any] | None = Field(
         None, description="present when the version activated last failed verification and the service "
         "fell back to the last good one: that version and the reason")

@@ -12,7 +12,6 @@ import asyncio
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
-from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, cast
 
@@ -20,11 +19,12 @@ import bentoml
 import numpy as np
 from pydantic import Field
 
-from models.errors import InputError, ModelError
+from models.errors import InputError
 from models.preprocess import SUPPORTED_FORMATS, decode_and_crop
 from models.spec import ModelSpec
 from store.state import open_state
 
+from .active import ActiveVersion
 from .admin import admin_gate, create_admin_app
 from .errors import GUARDED, STATUS_TEXT, ApiError, api_error
 from .limits import RequestGuard, display_name
@@ -77,22 +77,6 @@ class Inference:
         return np.concatenate([version_column, probabilities.astype(np.float32)], axis=1)
 
 
-@lru_cache(maxsize=64)
-def _spec_of(version: str) -> ModelSpec:
-    return state.registry.get(version).spec  # versions are immutable: cache forever
-
-
-def _readable_spec(version: str) -> ModelSpec:
-    """The spec of ``version``; a 503 (not a 500) if it cannot be read: a corrupted active
-    version is replaced by the last good one as soon as the inference workers notice."""
-    try:
-        return _spec_of(version)
-    except ModelError as exc:
-        log.warning("model version %s cannot be used: %s", version, exc)
-        raise ApiError(503, f"model version {version} is damaged (the server log says how); the "
-                                "service is switching to the last good version: retry shortly") from None
-
-
 #: What /predict answers besides 200, for its entry in the API document (BentoML's decorator
 #: declares no error responses): the request guard's refusals and the route's own.
 PREDICT_ERRORS = {
@@ -115,7 +99,8 @@ class TransferServe:
     inference = bentoml.depends(Inference)
 
     def __init__(self) -> None:
-        self.registry = state.registry
+        self.active = ActiveVersion(state.registry)
+        self.active.start()
         if settings.admin_token is None:
             log.warning("TRANSFER_SERVE_ADMIN_TOKEN is not set: every /admin route answers 403")
         try:
@@ -128,17 +113,6 @@ class TransferServe:
             log.warning("%d retrain job(s) were running when the service stopped: marked failed", failed)
         # decoding and resizing release the GIL: threads give real parallelism here
         self.pool = ThreadPoolExecutor(max_workers=max(2, settings.intra_op_threads), thread_name_prefix="decode")
-
-    def _active_spec(self) -> tuple[str, ModelSpec]:
-        try:
-            version = self.registry.active_version()
-        except ModelError as exc:
-            log.warning("%s", exc)
-            raise ApiError(503, "the active model pointer is unreadable; the service is switching "
-                                    "to the last good version: retry shortly") from None
-        if version is None:
-            raise ApiError(503, "no model version is active yet: run `python -m training bootstrap`")
-        return version, _readable_spec(version)
 
     async def _preprocess_all(self, paths: list[Path], blobs: list[bytes], spec: ModelSpec) -> np.ndarray:
         loop = asyncio.get_running_loop()
@@ -175,7 +149,7 @@ class TransferServe:
             blobs = [path.read_bytes() for path in images]  # sizes and count: checked by the request guard
             crops: tuple[object, np.ndarray] | None = None
             for attempt in range(3):
-                version, spec = self._active_spec()
+                version, spec = self.active.current()
                 if crops is None or crops[0] != spec.preprocess:  # decode once unless it changed
                     crops = (spec.preprocess, await self._preprocess_all(images, blobs, spec))
                 batch = crops[1]
@@ -188,15 +162,18 @@ class TransferServe:
                     if attempt == 2:
                         raise ApiError(503, "the model is not available right now; retry shortly") from None
                     await asyncio.sleep(0.05)
+                    await asyncio.to_thread(self.active.refresh)  # a new version may have come
                     continue
                 numbers = set(output[:, 0].astype(int).tolist())
                 ran = f"v{numbers.pop()}"
-                ran_spec = _readable_spec(ran)
+                ran_spec = self.active.spec_of(ran)
                 # A swap between preprocessing and inference: results are only valid if the
                 # version that ran uses the same preprocessing and all images ran on it.
                 if not numbers and ran_spec.preprocess == spec.preprocess:
                     # sent as built: BentoML would validate and re-serialise list[Prediction]
-                    return JSONResponse(build_predictions(output[:, 1:], ran_spec.labels, top_k, ran))  # type: ignore[return-value]
+                    predictions = build_predictions(output[:, 1:], ran_spec.labels, top_k, ran)
+                    return JSONResponse(predictions)  # type: ignore[return-value]
+                await asyncio.to_thread(self.active.refresh)
             raise ApiError(503, "the active model changed during the request; retry")
         except ApiError as exc:
             return exc.response()  # type: ignore[return-value]

@@ -1,9 +1,13 @@
-"""Failed writes to the state: what the operator must fix, told apart from everything else.
+"""Failures of the state itself, told apart from everything else.
 
 A write the state cannot take (disk full, quota, file size limit, read-only or unwritable volume)
 is an operator's problem, not a client's: :func:`storage_failure` recognises one, from the OS or
 from SQLite, and :class:`StorageError` carries it with what was being written and what the
 operator should do. The service answers it with 507 on admin routes.
+
+A shared database or object store that cannot be reached is :class:`StoreUnavailable`: nothing
+was written, and the same request succeeds once it is back (the service answers 503 with
+``Retry-After``).
 """
 
 from __future__ import annotations
@@ -48,6 +52,14 @@ _STRERRORS = {os.strerror(code): code for code in _ERRNO_HINTS if code not in (e
 #: or unreachable database), besides :class:`StorageError`: :func:`storage_failure` tells which
 #: of these are the operator's to fix. Callers catch these, never a backend's own types by name.
 BACKEND_ERRORS: tuple[type[Exception], ...] = (OSError, sqlite3.Error)
+
+
+class StoreUnavailable(TransferServeError):
+    """The shared database or object store cannot be reached right now; nothing was written."""
+
+    def __init__(self, what: str, cause: BaseException | str) -> None:
+        super().__init__(f"{what} cannot be reached ({cause}); nothing was written: retry shortly")
+        self.what = what
 
 
 class StorageError(TransferServeError):

@@ -10,6 +10,7 @@ result is never overwritten.
 
 from __future__ import annotations
 
+import os
 import shutil
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
@@ -92,6 +93,35 @@ class JobStore(ABC):
     @abstractmethod
     def fail_orphans(self) -> int:
         """Fail every queued or running job whose process is gone; returns how many."""
+
+    def renew_lease(self, job_id: str) -> bool:
+        """Called by the running job, often: keep its claim. False when the job is no longer this
+        process's to finish (another replica failed it after its lease ran out): it must stop.
+        On one machine a job's process is watched directly and needs no lease."""
+        return True
+
+
+def pid_alive(pid: int | None, job_id: str | None = None) -> bool:
+    """Whether process ``pid`` runs (a zombie does not); with ``job_id``, also that it is that
+    job's process and not a later one that was given the same pid."""
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie (exited, not yet reaped by its parent) is not alive
+        with open(f"/proc/{pid}/stat") as fh:
+            if fh.read().rsplit(")", 1)[1].split()[0] == "Z":
+                return False
+        if job_id is not None:
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                return job_id.encode() in fh.read().split(b"\0")
+    except OSError:
+        return True
+    return True
 
 
 ORPHAN_ERROR = ("the retrain process stopped before finishing (killed, crashed, or the service was "

@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import time
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -49,6 +51,8 @@ EMBEDDINGS_FILENAME = "embeddings.npy"
 TARGETS_FILENAME = "embedding_targets.npy"
 HASHES_FILENAME = "embedding_hashes.npy"
 MANIFEST_FILENAME = "manifest.json"
+#: Written last into a local version directory: a directory without it is incomplete.
+COMPLETE_MARKER = "COMPLETE"
 REPORT_DIRNAME = "report"
 #: How many earlier activations the pointer remembers (candidates for a fall-back).
 HISTORY_LENGTH = 20
@@ -86,6 +90,20 @@ def read_manifest(directory: Path, version: str) -> dict[str, str]:
 def manifest_bytes(files: Mapping[str, str]) -> bytes:
     """The manifest listing ``files`` (relative name -> sha256)."""
     return json.dumps({"files": dict(files)}, indent=2, sort_keys=True).encode()
+
+
+class StoredVersion(Protocol):
+    """A version as a listing sees it: its name and catalogue data, without needing its files."""
+
+    @property
+    def version(self) -> str: ...
+
+    @property
+    def number(self) -> int: ...
+
+    def summary(self) -> dict[str, Any]: ...
+
+    def has_int8(self) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -181,16 +199,21 @@ class ModelVersion:
             check_onnx_contract(self.int8_onnx_path, self.spec)
 
     def summary(self) -> dict[str, Any]:
-        info = self.info
-        return {
-            "version": self.version,
-            "created_at": info.get("created_at"),
-            "parent": info.get("parent"),
-            "strategy": (info.get("details") or {}).get("strategy"),
-            "backbone": self.spec.backbone,
-            "labels": list(self.spec.labels),
-            "metrics": self.metrics,
-        }
+        return version_summary(self.version, self.info, self.metrics, self.spec)
+
+
+def version_summary(version: str, info: Mapping[str, Any], metrics: Mapping[str, Any],
+                    spec: ModelSpec) -> dict[str, Any]:
+    """What a listing shows of a version."""
+    return {
+        "version": version,
+        "created_at": info.get("created_at"),
+        "parent": info.get("parent"),
+        "strategy": (info.get("details") or {}).get("strategy"),
+        "backbone": spec.backbone,
+        "labels": list(spec.labels),
+        "metrics": dict(metrics),
+    }
 
 
 @dataclass(frozen=True)
@@ -210,6 +233,21 @@ class ActivePointer:
 
 
 @dataclass(frozen=True)
+class ReplicaStatus:
+    """What one replica last said it serves."""
+
+    id: str
+    version: str | None
+    variant: str | None
+    last_seen: str  #: ISO 8601, UTC
+
+
+#: A replica reports what it serves this often; one silent for REPLICA_TIMEOUT_S is dropped.
+HEARTBEAT_S = 5.0
+REPLICA_TIMEOUT_S = 3 * HEARTBEAT_S
+
+
+@dataclass(frozen=True)
 class Fallback:
     """What :meth:`ModelRegistry.fall_back` did about a version that failed verification."""
 
@@ -225,13 +263,18 @@ class ModelRegistry(ABC):
     # -- reading ------------------------------------------------------------------------------
 
     @abstractmethod
-    def versions(self) -> list[ModelVersion]:
+    def versions(self) -> Sequence[StoredVersion]:
         """Complete versions, oldest first."""
 
     @abstractmethod
     def get(self, version: str) -> ModelVersion:
-        """A complete version; :class:`VersionNotFoundError` (naming the known ones) if there is
-        none by that name."""
+        """A complete version's files on this machine (fetched first if it has none);
+        :class:`VersionNotFoundError` (naming the known ones) if there is none by that name."""
+
+    @abstractmethod
+    def local_copy(self, version: str) -> ModelVersion | None:
+        """The version's files if this machine holds them, asking no one else (the prediction
+        path uses this: it never waits on a database or an object store)."""
 
     @abstractmethod
     def active_pointer(self) -> ActivePointer | None:
@@ -288,6 +331,25 @@ class ModelRegistry(ABC):
         must verify first. A name the version already holds is refused, and an INT8 graph that
         does not meet the spec is refused before anything is written."""
 
+    @abstractmethod
+    def delete(self, version: str) -> None:
+        """Remove a version that is neither active nor in the active pointer's history."""
+
+    # -- following the active version -----------------------------------------------------------
+
+    def wait_for_change(self, timeout: float) -> None:
+        """Return when the active version may have changed, or after ``timeout`` seconds: the
+        watchers of serving workers call this in a loop, then read the pointer."""
+        time.sleep(timeout)
+
+    @abstractmethod
+    def report_serving(self, replica: str, version: str | None, variant: str | None) -> None:
+        """Heartbeat: ``replica`` serves ``version`` (``variant``: fp32, int8, fp16)."""
+
+    @abstractmethod
+    def replicas(self) -> list[ReplicaStatus]:
+        """The replicas heard from within :data:`REPLICA_TIMEOUT_S`, by id."""
+
 
 def check_new_version(spec: ModelSpec, onnx_file: Path, embeddings: np.ndarray, targets: np.ndarray,
                       hashes: list[str] | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -317,3 +379,30 @@ def check_derived_files(target: ModelVersion, files: Mapping[str, Path]) -> None
             raise ModelError(f"{name!r} is not a plain file name")
         if name == INT8_ONNX_FILENAME:
             check_onnx_contract(source, target.spec)
+
+
+def write_version(directory: Path, *, info: Mapping[str, Any], onnx_file: Path, spec: ModelSpec,
+                  metrics: Mapping[str, Any], embeddings: np.ndarray, targets: np.ndarray, hashes: np.ndarray,
+                  report_dir: Path | None) -> dict[str, str]:
+    """Write a new version's files into the empty ``directory`` (the arrays as
+    :func:`check_new_version` returned them), and its manifest; returns the manifest's files
+    (name -> sha256)."""
+    shutil.copyfile(onnx_file, directory / ONNX_FILENAME)
+    (directory / SPEC_FILENAME).write_text(spec.to_json())
+    (directory / METRICS_FILENAME).write_text(json.dumps(dict(metrics), indent=2))
+    (directory / INFO_FILENAME).write_text(json.dumps(dict(info), indent=2))
+    np.save(directory / EMBEDDINGS_FILENAME, embeddings, allow_pickle=False)
+    np.save(directory / TARGETS_FILENAME, targets, allow_pickle=False)
+    np.save(directory / HASHES_FILENAME, hashes, allow_pickle=False)
+    if report_dir is not None:
+        shutil.copytree(report_dir, directory / REPORT_DIRNAME)
+    files = {str(p.relative_to(directory)): sha256_file(p) for p in sorted(directory.rglob("*")) if p.is_file()}
+    (directory / MANIFEST_FILENAME).write_bytes(manifest_bytes(files))
+    return files
+
+
+def new_version_info(version: str, created_at: str, parent: str | None, dataset_fingerprint: str | None,
+                     details: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``version.json`` of a new version."""
+    return {"version": version, "created_at": created_at, "parent": parent,
+            "dataset_fingerprint": dataset_fingerprint, "details": dict(details or {})}

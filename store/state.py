@@ -41,11 +41,16 @@ class State:
 
 def open_state(settings: StoreSettings | None = None, *, home: str | os.PathLike[str] | None = None) -> State:
     """The stores the settings describe (read from the environment if not given; ``home``
-    overrides their state directory): today the single-machine backend in ``settings.home``."""
-    from .local import LocalBackend
-
+    overrides their state directory): the shared backend when a database URL is set, else the
+    single-machine one in ``settings.home``."""
     settings = settings or StoreSettings()
     if home is not None:
         settings = settings.model_copy(update={"home": Path(home).expanduser().resolve()})
     settings.home.mkdir(parents=True, exist_ok=True)
+    if settings.shared:
+        from .shared import SharedBackend
+
+        return State(SharedBackend(settings))
+    from .local import LocalBackend
+
     return State(LocalBackend(settings.home))

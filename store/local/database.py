@@ -25,12 +25,10 @@ import os
 import sqlite3
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
-from models.errors import TransferServeError
-
 from ..errors import storage_failure
+from ..schema import Migration, SchemaTooNewError, check_numbering
 
 log = logging.getLogger(__name__)
 
@@ -140,15 +138,6 @@ def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
 
 # -- schema versions ----------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Migration:
-    """The step from schema version ``version - 1`` to ``version``."""
-
-    version: int
-    description: str
-    statements: tuple[str, ...]
-
-
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "labelled images, the embedding cache and retrain jobs (the unversioned schema of eb365a9)", (
         """CREATE TABLE IF NOT EXISTS images (
@@ -186,10 +175,6 @@ MIGRATIONS: tuple[Migration, ...] = (
 )
 
 
-class SchemaTooNewError(TransferServeError):
-    """The database was written by a newer release of transfer-serve than this one."""
-
-
 def schema_version(conn: sqlite3.Connection) -> int:
     (version,) = conn.execute("PRAGMA user_version").fetchone()
     return int(version)
@@ -202,9 +187,7 @@ def migrate(conn: sqlite3.Connection, migrations: Sequence[Migration] = MIGRATIO
     Raises:
         SchemaTooNewError: the database's version is above every migration this code knows.
     """
-    latest = migrations[-1].version if migrations else 0
-    if [m.version for m in migrations] != list(range(1, latest + 1)):
-        raise ValueError("migrations must be numbered 1, 2, 3, ... in order")
+    latest = check_numbering(migrations)
     if schema_version(conn) == latest:  # the common case: no write lock needed
         return []
     with transaction(conn):

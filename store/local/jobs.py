@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sqlite3
 import uuid
 from collections.abc import Mapping
@@ -25,6 +24,7 @@ from ..jobs import (
     Job,
     JobConflict,
     JobStore,
+    pid_alive,
     remove_scratch,
 )
 from .database import Database
@@ -36,29 +36,6 @@ _JSON_FIELDS = ("params", "metrics")
 
 def _now() -> str:
     return datetime.now(UTC).isoformat()
-
-
-def pid_alive(pid: int | None, job_id: str | None = None) -> bool:
-    """Whether process ``pid`` runs (a zombie does not); with ``job_id``, also that it is that
-    job's process and not a later one that was given the same pid."""
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie (exited, not yet reaped by its parent) is not alive
-        with open(f"/proc/{pid}/stat") as fh:
-            if fh.read().rsplit(")", 1)[1].split()[0] == "Z":
-                return False
-        if job_id is not None:
-            with open(f"/proc/{pid}/cmdline", "rb") as fh:
-                return job_id.encode() in fh.read().split(b"\0")
-    except OSError:
-        return True
-    return True
 
 
 class SqliteJobStore(JobStore):

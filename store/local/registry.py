@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -41,27 +42,25 @@ from typing import Any
 import numpy as np
 
 from models.errors import ModelError, VersionNotFoundError
-from models.spec import SPEC_FILENAME, ModelSpec
+from models.spec import ModelSpec
 
 from ..files import fsync_dir, fsync_tree, sha256_file, write_atomic, write_json_atomic
 from ..registry import (
-    EMBEDDINGS_FILENAME,
-    HASHES_FILENAME,
-    INFO_FILENAME,
+    COMPLETE_MARKER,
     MANIFEST_FILENAME,
-    METRICS_FILENAME,
-    ONNX_FILENAME,
-    REPORT_DIRNAME,
-    TARGETS_FILENAME,
+    REPLICA_TIMEOUT_S,
     VERSION_RE,
     ActivePointer,
     Fallback,
     ModelRegistry,
     ModelVersion,
+    ReplicaStatus,
     check_derived_files,
     check_new_version,
     manifest_bytes,
+    new_version_info,
     version_number,
+    write_version,
 )
 
 log = logging.getLogger(__name__)
@@ -69,8 +68,8 @@ log = logging.getLogger(__name__)
 VERSIONS_DIRNAME = "versions"
 POINTER_FILENAME = "active_version.json"
 LOCK_FILENAME = ".registry.lock"
-#: Written last into a version directory: a directory without it was cut short.
-COMPLETE_MARKER = "COMPLETE"
+#: one heartbeat file per replica (on one machine: one per service started on this home)
+REPLICAS_DIRNAME = "replicas"
 #: Staging directories are named ``.partial-vN-<random>``.
 _STAGING_PREFIX = ".partial-"
 #: Where eb365a9 and earlier kept the versions (BentoML's model store layout), relative to home.
@@ -86,6 +85,7 @@ class DirectoryRegistry(ModelRegistry):
         self.versions_dir.mkdir(parents=True, exist_ok=True)
         self._pointer = self.home / POINTER_FILENAME
         self._lock_path = self.home / LOCK_FILENAME
+        self._replicas_dir = self.home / REPLICAS_DIRNAME
         if (self.home / LEGACY_VERSIONS).is_dir():
             with self._locked():
                 adopt_legacy_versions(self.home)
@@ -109,6 +109,12 @@ class DirectoryRegistry(ModelRegistry):
             known = ", ".join(v.version for v in self.versions()) or "none"
             raise VersionNotFoundError(f"no model version '{version}' (known versions: {known})")
         return ModelVersion(version, path)
+
+    def local_copy(self, version: str) -> ModelVersion | None:
+        try:
+            return self.get(version)
+        except VersionNotFoundError:
+            return None
 
     def active_pointer(self) -> ActivePointer | None:
         try:
@@ -213,6 +219,38 @@ class DirectoryRegistry(ModelRegistry):
         log.info("added %s to model version %s", ", ".join(files), version)
         return target
 
+    def delete(self, version: str) -> None:
+        with self._locked():
+            target = self.get(version)
+            pointer = self.active_pointer()
+            if pointer is not None and version in (pointer.version, *pointer.previous):
+                raise ModelError(f"version {version} is active or in the active version's history: not deleted")
+            aside = self.versions_dir / f"{_STAGING_PREFIX}deleted-{version}"  # invisible at once, then removed
+            os.rename(target.path, aside)
+            shutil.rmtree(aside, ignore_errors=True)
+        log.info("deleted model version %s", version)
+
+    def report_serving(self, replica: str, version: str | None, variant: str | None) -> None:
+        self._replicas_dir.mkdir(parents=True, exist_ok=True)
+        record = {"id": replica, "version": version, "variant": variant,
+                  "last_seen": datetime.now(UTC).isoformat()}
+        name = hashlib.sha256(replica.encode()).hexdigest()[:16] + ".json"  # any id, a safe file name
+        write_json_atomic(self._replicas_dir / name, record, 0o644)
+
+    def replicas(self) -> list[ReplicaStatus]:
+        found = []
+        now = datetime.now(UTC)
+        for path in self._replicas_dir.glob("*.json") if self._replicas_dir.is_dir() else ():
+            try:
+                record = json.loads(path.read_text())
+                last_seen = datetime.fromisoformat(record["last_seen"])
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            if (now - last_seen).total_seconds() <= REPLICA_TIMEOUT_S:
+                found.append(ReplicaStatus(str(record["id"]), record.get("version"), record.get("variant"),
+                                           record["last_seen"]))
+        return sorted(found, key=lambda r: r.id)
+
     def _next_number(self) -> int:
         """Above every version and staging directory, complete or cut short."""
         numbers = [version_number(name) for name, _ in self._version_dirs()]
@@ -253,28 +291,12 @@ class DirectoryRegistry(ModelRegistry):
             version = f"v{self._next_number()}"
             self._remove_cut_short()
             created_at = datetime.now(UTC).isoformat()
-            info = {
-                "version": version,
-                "created_at": created_at,
-                "parent": parent,
-                "dataset_fingerprint": dataset_fingerprint,
-                "details": dict(details or {}),
-            }
+            info = new_version_info(version, created_at, parent, dataset_fingerprint, details)
             staging = Path(tempfile.mkdtemp(prefix=f"{_STAGING_PREFIX}{version}-", dir=self.versions_dir))
             try:
                 staging.chmod(0o755)  # mkdtemp's 0700 would lock out a service running as another user
-                shutil.copyfile(onnx_file, staging / ONNX_FILENAME)
-                (staging / SPEC_FILENAME).write_text(spec.to_json())
-                (staging / METRICS_FILENAME).write_text(json.dumps(dict(metrics), indent=2))
-                (staging / INFO_FILENAME).write_text(json.dumps(info, indent=2))
-                np.save(staging / EMBEDDINGS_FILENAME, embeddings, allow_pickle=False)
-                np.save(staging / TARGETS_FILENAME, targets, allow_pickle=False)
-                np.save(staging / HASHES_FILENAME, hashes, allow_pickle=False)
-                if report_dir is not None:
-                    shutil.copytree(report_dir, staging / REPORT_DIRNAME)
-                files = {str(p.relative_to(staging)): sha256_file(p) for p in sorted(staging.rglob("*"))
-                         if p.is_file()}
-                (staging / MANIFEST_FILENAME).write_bytes(manifest_bytes(files))
+                write_version(staging, info=info, onnx_file=onnx_file, spec=spec, metrics=metrics,
+                              embeddings=embeddings, targets=targets, hashes=hashes, report_dir=report_dir)
                 (staging / COMPLETE_MARKER).write_text(created_at + "\n")
                 fsync_tree(staging)
                 final = self.versions_dir / version
