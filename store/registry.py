@@ -20,11 +20,12 @@ elsewhere serves a verified local copy) and the manifest format.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -37,6 +38,8 @@ from models.onnx_io import check_onnx_contract
 from models.spec import SPEC_FILENAME, ModelSpec
 
 from .files import sha256_file
+
+log = logging.getLogger(__name__)
 
 ONNX_FILENAME = "model.onnx"
 #: The statically quantised (INT8, QDQ) variant of ``model.onnx``, added later by
@@ -216,6 +219,11 @@ def version_summary(version: str, info: Mapping[str, Any], metrics: Mapping[str,
     }
 
 
+#: Writes a new version's files into an empty directory, given its name and creation time;
+#: returns the manifest's files (name -> sha256).
+VersionWriter = Callable[[Path, str, str], dict[str, str]]
+
+
 @dataclass(frozen=True)
 class ActivePointer:
     """Which version is active, since when, and the versions active before it."""
@@ -306,7 +314,6 @@ class ModelRegistry(ABC):
         it names. If nothing verifies, the pointer is left as it is and ``version`` is None.
         """
 
-    @abstractmethod
     def register(
         self,
         *,
@@ -324,6 +331,24 @@ class ModelRegistry(ABC):
     ) -> ModelVersion:
         """Store a new version and return it; make it active if asked or if it is the first.
         The ONNX file is checked against the spec first: nothing is stored if they disagree."""
+        embeddings, targets, hashes = check_new_version(spec, onnx_file, embeddings, embedding_targets,
+                                                        embedding_hashes)
+
+        def write(directory: Path, version: str, created_at: str) -> dict[str, str]:
+            info = new_version_info(version, created_at, parent, dataset_fingerprint, details)
+            return write_version(directory, info=info, onnx_file=onnx_file, spec=spec, metrics=metrics,
+                                 embeddings=embeddings, targets=targets, hashes=hashes, report_dir=report_dir)
+
+        stored = self._store_new(write)
+        log.info("registered model version %s (%d labels)", stored.version, spec.num_classes)
+        if activate or self.active_version() is None:
+            self.activate(stored.version)
+        return stored
+
+    @abstractmethod
+    def _store_new(self, write: VersionWriter) -> ModelVersion:
+        """Give a new version the next number, have ``write`` put its files into an empty local
+        directory, and make the version visible once all of them are stored."""
 
     @abstractmethod
     def add_files(self, version: str, files: Mapping[str, Path]) -> ModelVersion:

@@ -39,10 +39,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from models.errors import ModelError, VersionNotFoundError
-from models.spec import ModelSpec
 
 from ..files import fsync_dir, fsync_tree, sha256_file, write_atomic, write_json_atomic
 from ..registry import (
@@ -55,12 +52,10 @@ from ..registry import (
     ModelRegistry,
     ModelVersion,
     ReplicaStatus,
+    VersionWriter,
     check_derived_files,
-    check_new_version,
     manifest_bytes,
-    new_version_info,
     version_number,
-    write_version,
 )
 
 log = logging.getLogger(__name__)
@@ -270,33 +265,15 @@ class DirectoryRegistry(ModelRegistry):
             log.warning("removing %s: a registration that was cut short", path.name)
             shutil.rmtree(path, ignore_errors=True)
 
-    def register(
-        self,
-        *,
-        onnx_file: Path,
-        spec: ModelSpec,
-        metrics: Mapping[str, Any],
-        embeddings: np.ndarray,
-        embedding_targets: np.ndarray,
-        embedding_hashes: list[str] | None = None,
-        parent: str | None,
-        dataset_fingerprint: str | None,
-        details: Mapping[str, Any] | None = None,
-        report_dir: Path | None = None,
-        activate: bool = False,
-    ) -> ModelVersion:
-        embeddings, targets, hashes = check_new_version(spec, onnx_file, embeddings, embedding_targets,
-                                                        embedding_hashes)
+    def _store_new(self, write: VersionWriter) -> ModelVersion:
         with self._locked():
             version = f"v{self._next_number()}"
             self._remove_cut_short()
             created_at = datetime.now(UTC).isoformat()
-            info = new_version_info(version, created_at, parent, dataset_fingerprint, details)
             staging = Path(tempfile.mkdtemp(prefix=f"{_STAGING_PREFIX}{version}-", dir=self.versions_dir))
             try:
                 staging.chmod(0o755)  # mkdtemp's 0700 would lock out a service running as another user
-                write_version(staging, info=info, onnx_file=onnx_file, spec=spec, metrics=metrics,
-                              embeddings=embeddings, targets=targets, hashes=hashes, report_dir=report_dir)
+                write(staging, version, created_at)
                 (staging / COMPLETE_MARKER).write_text(created_at + "\n")
                 fsync_tree(staging)
                 final = self.versions_dir / version
@@ -305,12 +282,7 @@ class DirectoryRegistry(ModelRegistry):
                 shutil.rmtree(staging, ignore_errors=True)
                 raise
             fsync_dir(self.versions_dir)
-        stored = ModelVersion(version, final)
-        log.info("registered model version %s (%d labels)", version, spec.num_classes)
-        if activate or self.active_version() is None:
-            self.activate(version)
-        return stored
-
+        return ModelVersion(version, final)
 
 def adopt_legacy_versions(home: Path) -> int:
     """Move the versions that eb365a9 and earlier kept in BentoML's store layout to

@@ -29,8 +29,6 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from models.errors import ModelError, VersionNotFoundError
 from models.spec import ModelSpec
 
@@ -46,14 +44,12 @@ from ..registry import (
     ModelRegistry,
     ModelVersion,
     ReplicaStatus,
+    VersionWriter,
     check_derived_files,
-    check_new_version,
     manifest_bytes,
-    new_version_info,
     read_manifest,
     version_number,
     version_summary,
-    write_version,
 )
 from .database import ACTIVE_CHANNEL, PostgresDatabase
 from .objects import ObjectStore
@@ -260,48 +256,28 @@ class SharedRegistry(ModelRegistry):
             if self.objects.sha256(object_key(version, name)) != digest:
                 raise ModelError(f"version {version}: {name} did not arrive intact in {self.objects.description}")
 
-    def register(
-        self,
-        *,
-        onnx_file: Path,
-        spec: ModelSpec,
-        metrics: Mapping[str, Any],
-        embeddings: np.ndarray,
-        embedding_targets: np.ndarray,
-        embedding_hashes: list[str] | None = None,
-        parent: str | None,
-        dataset_fingerprint: str | None,
-        details: Mapping[str, Any] | None = None,
-        report_dir: Path | None = None,
-        activate: bool = False,
-    ) -> ModelVersion:
+    def _store_new(self, write: VersionWriter) -> ModelVersion:
         from psycopg.types.json import Jsonb
 
-        embeddings, targets, hashes = check_new_version(spec, onnx_file, embeddings, embedding_targets,
-                                                        embedding_hashes)
         with self.database.connect() as conn:
             number = int(conn.execute("SELECT nextval('version_numbers') AS n").fetchone()["n"])
         version, created_at = f"v{number}", datetime.now(UTC).isoformat()
-        info = new_version_info(version, created_at, parent, dataset_fingerprint, details)
         staging = Path(tempfile.mkdtemp(prefix=f".partial-{version}-", dir=self.cache))
         try:
-            files = write_version(staging, info=info, onnx_file=onnx_file, spec=spec, metrics=metrics,
-                                  embeddings=embeddings, targets=targets, hashes=hashes, report_dir=report_dir)
+            files = write(staging, version, created_at)
             self._upload(version, staging, files)
+            written = ModelVersion(version, staging)
             with self.database.transaction() as conn:  # the row makes the version visible
                 conn.execute("INSERT INTO versions (number, created_at, manifest, info, metrics, spec)"
                              " VALUES (%s, %s, %s, %s, %s, %s)",
-                             (number, created_at, Jsonb(files), Jsonb(info), Jsonb(dict(metrics)),
-                              Jsonb(spec.model_dump(mode="json"))))
+                             (number, created_at, Jsonb(files), Jsonb(written.info), Jsonb(written.metrics),
+                              Jsonb(written.spec.model_dump(mode="json"))))
             (staging / COMPLETE_MARKER).write_text(created_at + "\n")
             staging.chmod(0o755)
             os.rename(staging, self.cache / version)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        log.info("registered model version %s (%d labels)", version, spec.num_classes)
-        if activate or self.active_pointer() is None:
-            self.activate(version)
         return ModelVersion(version, self.cache / version)
 
     def import_version(self, source: ModelVersion) -> bool:
