@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from models.errors import TransferServeError
 
@@ -27,3 +28,20 @@ def check_numbering(migrations: Sequence[Migration]) -> int:
     if [m.version for m in migrations] != list(range(1, len(migrations) + 1)):
         raise ValueError("migrations must be numbered 1, 2, 3, ... in order")
     return len(migrations)
+
+
+def apply_missing(conn: Any, migrations: Sequence[Migration], current: int, where: str) -> list[int]:
+    """Run the steps from schema version ``current`` to the newest on ``conn`` (inside the caller's
+    transaction); returns the versions applied. ``where`` names the database for the error of a
+    schema newer than this code."""
+    latest = check_numbering(migrations)
+    if current > latest:
+        raise SchemaTooNewError(
+            f"{where} has schema version {current}, newer than the {latest} this release knows: it was written by "
+            "a newer transfer-serve. Run that release, or restore a backup made before the upgrade")
+    applied = []
+    for migration in migrations[current:]:
+        for statement in migration.statements:
+            conn.execute(statement)
+        applied.append(migration.version)
+    return applied

@@ -28,7 +28,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from ..errors import storage_failure
-from ..schema import Migration, SchemaTooNewError, check_numbering
+from ..schema import Migration, apply_missing, check_numbering
 
 log = logging.getLogger(__name__)
 
@@ -192,16 +192,7 @@ def migrate(conn: sqlite3.Connection, migrations: Sequence[Migration] = MIGRATIO
         return []
     with transaction(conn):
         current = schema_version(conn)  # another process may have migrated meanwhile
-        if current > latest:
-            raise SchemaTooNewError(
-                f"the database {_database_file(conn)} has schema version {current}, newer than the {latest} "
-                "this release knows: it was written by a newer transfer-serve. Run that release, or "
-                "restore a backup made before the upgrade")
-        applied = []
-        for migration in migrations[current:]:
-            for statement in migration.statements:
-                conn.execute(statement)
-            applied.append(migration.version)
+        applied = apply_missing(conn, migrations, current, f"the database {_database_file(conn)}")
         conn.execute(f"PRAGMA user_version = {latest}")
     return applied
 

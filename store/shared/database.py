@@ -20,7 +20,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from ..errors import StoreUnavailable
-from ..schema import Migration, SchemaTooNewError, check_numbering
+from ..schema import Migration, apply_missing, check_numbering
 
 log = logging.getLogger(__name__)
 
@@ -170,16 +170,7 @@ def migrate(conn: Any, migrations: Sequence[Migration] = MIGRATIONS) -> list[int
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
         conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
         row = conn.execute("SELECT version FROM schema_version").fetchone()
-        current = int(row["version"]) if row else 0
-        if current > latest:
-            raise SchemaTooNewError(
-                f"the database has schema version {current}, newer than the {latest} this release knows: it was "
-                "written by a newer transfer-serve. Run that release, or restore a backup made before the upgrade")
-        applied = []
-        for migration in migrations[current:]:
-            for statement in migration.statements:
-                conn.execute(statement)
-            applied.append(migration.version)
+        applied = apply_missing(conn, migrations, int(row["version"]) if row else 0, "the database")
         if row is None:
             conn.execute("INSERT INTO schema_version (version) VALUES (%s)", (latest,))
         elif applied:

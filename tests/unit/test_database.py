@@ -9,14 +9,8 @@ from pathlib import Path
 import pytest
 
 from store.local import database
-from store.local.database import (
-    MIGRATIONS,
-    Database,
-    Migration,
-    SchemaTooNewError,
-    migrate,
-    schema_version,
-)
+from store.local.database import MIGRATIONS, Database, migrate, schema_version
+from store.schema import Migration, SchemaTooNewError
 
 STEPS = (
     Migration(1, "a table", ("CREATE TABLE a (x INTEGER)",)),
