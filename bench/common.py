@@ -1,16 +1,18 @@
 """Helpers shared by the benchmarks: a state directory with a model, real ``bentoml serve``
-processes that are always stopped, an HTTP load generator, CPU and /metrics probes, and
-percentile maths.
+processes that are always stopped, the load window of the prediction benchmarks, CPU and /metrics
+probes, and percentile maths.
 
 Benchmarks run on shared machines, so nothing here judges a timing: it measures, and the
 benchmark prints figures and ratios of setups measured one after another in the same run.
-Server processes are started and stopped with ``tests/server.py`` (the same helper the
-integration tests use), in their own process group, and :func:`serving` stops the whole group on
-any exit, Ctrl-C and SIGTERM included (after :func:`install_sigterm_handler`).
+Server processes are started and stopped with :mod:`tests.support.server`, and the HTTP load is
+:class:`tests.support.load.Load` (the same helpers the tests use), in their own process group;
+:func:`serving` stops the whole group on any exit, Ctrl-C and SIGTERM included (after
+:func:`install_sigterm_handler`).
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import os
@@ -24,19 +26,21 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 from typing import Any, Protocol
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_IMAGES = ROOT.parent / "shared" / "data" / "hymenoptera" / "train"
+from tests.support.load import ImageFile, Load
+from tests.support.paths import HYMENOPTERA, ROOT
+from tests.support.server import Server
+from tests.support.server import serving as serving_server
+from tests.support.workers import process_label
+
+DEFAULT_IMAGES = HYMENOPTERA
 IMAGE_SUFFIXES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png"}
 
-if str(ROOT) not in sys.path:  # entry scripts run as `python bench/x.py` have bench/ on the path
-    sys.path.insert(0, str(ROOT))
-
-from tests.server import Server  # noqa: E402
-from tests.server import serving as serving_server  # noqa: E402
+__all__ = ["DEFAULT_IMAGES", "ImageFile", "Server"]  # re-exported for the benchmarks
 
 
 # -- people-facing progress -------------------------------------------------------------------
@@ -59,21 +63,13 @@ class Progress:
 def install_sigterm_handler() -> None:
     """Make SIGTERM unwind like Ctrl-C, so ``finally`` blocks stop the servers."""
 
-    def _raise(signum: int, frame: object) -> None:
+    def _raise(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
 
     signal.signal(signal.SIGTERM, _raise)
 
 
 # -- inputs -----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ImageFile:
-    name: str
-    label: str  # the parent folder: the class in an ImageFolder layout
-    data: bytes
-    content_type: str
 
 
 def load_images(folder: Path, *, seed: int = 0) -> list[ImageFile]:
@@ -83,7 +79,7 @@ def load_images(folder: Path, *, seed: int = 0) -> list[ImageFile]:
     if not paths:
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder}")
     random.Random(seed).shuffle(paths)
-    return [ImageFile(p.name, p.parent.name, p.read_bytes(), IMAGE_SUFFIXES[p.suffix.lower()]) for p in paths]
+    return [ImageFile(p.name, p.read_bytes(), IMAGE_SUFFIXES[p.suffix.lower()], p.parent.name) for p in paths]
 
 
 def describe_images(images: Sequence[ImageFile]) -> str:
@@ -95,7 +91,7 @@ def describe_images(images: Sequence[ImageFile]) -> str:
     return f"{len(images)} images ({per_class}), {mean_kb:.0f} KiB on average"
 
 
-def add_service_arguments(parser: Any, *, env_example: str = "TRANSFER_SERVE_WORKERS=2") -> None:
+def add_service_arguments(parser: argparse.ArgumentParser, *, env_example: str = "TRANSFER_SERVE_WORKERS=2") -> None:
     """The options every benchmark that serves the service shares: --images, --home,
     --service-env (repeatable KEY=VALUE) and --log-dir. Check them with :func:`check_service_arguments`."""
     parser.add_argument("--images", type=Path, default=DEFAULT_IMAGES, help=f"image folder (default {DEFAULT_IMAGES})")
@@ -107,7 +103,7 @@ def add_service_arguments(parser: Any, *, env_example: str = "TRANSFER_SERVE_WOR
                         "folder, removed at the end)")
 
 
-def check_service_arguments(parser: Any, args: Any) -> None:
+def check_service_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """--service-env items become a dict; --home must be a directory (else ``parser.error``)."""
     env = {}
     for item in args.service_env:
@@ -136,7 +132,7 @@ def bootstrap_home(home: Path, python: str = sys.executable) -> None:
     """Register the pretrained ImageNet classifier in ``home`` (``python -m training bootstrap``)."""
     env = {**os.environ, "TRANSFER_SERVE_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True"}
     done = subprocess.run([python, "-m", "training", "bootstrap"], cwd=ROOT, env=env,
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"`python -m training bootstrap` failed ({done.returncode}):\n"
                            f"{(done.stdout + done.stderr)[-3000:]}")
@@ -163,7 +159,7 @@ def state_home(home: Path | None, progress: Callable[[str], None] = lambda _: No
 def serving(target: str, home: Path, log_dir: Path, *, env: Mapping[str, str] | None = None,
             ready_timeout: float = 180) -> Iterator[Server]:
     """A ready ``bentoml serve TARGET`` on a free 127.0.0.1 port, with a private BENTOML_HOME,
-    stopped with every process it started however the block ends (tests/server.py)."""
+    stopped with every process it started however the block ends (tests/support/server.py)."""
     log_path = log_dir / f"{target.replace(':', '.').replace('/', '_')}.log"
     with serving_server(home, log_path, env, target, timeout=ready_timeout) as server:
         yield server
@@ -177,7 +173,7 @@ def percentiles(values: Sequence[float], qs: Sequence[float] = (50, 95, 99)) -> 
     if len(values) == 0:
         return {f"p{q:g}": None for q in qs}
     points = np.percentile(np.asarray(values, dtype=np.float64), list(qs))
-    return {f"p{q:g}": float(v) for q, v in zip(qs, points)}
+    return {f"p{q:g}": float(v) for q, v in zip(qs, points, strict=True)}
 
 
 # -- probes: measured from the start to the end of the measurement window ---------------------
@@ -186,21 +182,6 @@ def percentiles(values: Sequence[float], qs: Sequence[float] = (50, 95, 99)) -> 
 class WindowProbe(Protocol):
     def start(self) -> None: ...
     def stop(self) -> None: ...
-
-
-def _process_label(process: Any) -> str:
-    """A readable name for a process of a ``bentoml serve`` tree: the service a worker runs
-    (``transfer_serve_inference#1``), else its pid."""
-    try:
-        cmdline = process.cmdline()
-    except Exception:  # gone, or not ours to read
-        return str(process.pid)
-    if "--service-name" in cmdline:
-        index = cmdline.index("--service-name")
-        name = cmdline[index + 1] if index + 1 < len(cmdline) else "?"
-        worker = cmdline[cmdline.index("--worker-id") + 1] if "--worker-id" in cmdline else "?"
-        return f"{name}#{worker}"
-    return str(process.pid)
 
 
 class ProcessCPU:
@@ -223,7 +204,7 @@ class ProcessCPU:
         for process in processes:
             with contextlib.suppress(psutil.Error):
                 times = process.cpu_times()
-                label = self.root_label if process.pid == self.pid else _process_label(process)
+                label = self.root_label if process.pid == self.pid else process_label(process)
                 sample[process.pid] = (label, times.user + times.system)
         return sample
 
@@ -246,8 +227,7 @@ class SystemCPU:
     window; minus what the measured processes used, it shows how much else was running."""
 
     def __init__(self) -> None:
-        self._before: Any = None
-        self._after: Any = None
+        self._before = self._after = 0.0
         self._started = self._stopped = 0.0
 
     @staticmethod
@@ -255,7 +235,7 @@ class SystemCPU:
         import psutil
 
         times = psutil.cpu_times()
-        return sum(times) - times.idle - getattr(times, "iowait", 0.0)
+        return float(sum(times) - times.idle - getattr(times, "iowait", 0.0))
 
     def start(self) -> None:
         self._before, self._started = self._busy(), time.perf_counter()
@@ -338,7 +318,7 @@ class LogWatch:
                 self.samples.append(message)
 
 
-# -- HTTP load --------------------------------------------------------------------------------
+# -- HTTP load in a measurement window --------------------------------------------------------
 
 
 @dataclass
@@ -375,9 +355,22 @@ class LoadResult:
                 "error_samples": self.error_samples}
 
 
-def _valid_prediction(body: Any, images: int = 1) -> bool:
-    return (isinstance(body, list) and len(body) == images
-            and all(isinstance(r, dict) and {"label", "score", "top_k", "model_version"} <= r.keys() for r in body))
+def window_result(load: Load, window_start: float, duration: float, *, max_error_samples: int = 5) -> LoadResult:
+    """The requests of ``load`` that completed in the ``duration`` seconds from ``window_start``:
+    latencies of the successful ones, the errors (the first few kept); errors outside the window
+    counted apart."""
+    window_end = window_start + duration
+    result = LoadResult(seconds=duration, images_per_request=load.images_per_request)
+    for answer in list(load.answers):  # in completion order
+        if not window_start <= answer.done <= window_end:
+            result.errors_outside_window += not answer.ok
+        elif answer.ok:
+            result.latencies_ms.append(answer.latency_ms)
+        else:
+            result.errors += 1
+            if len(result.error_samples) < max_error_samples and answer.problem is not None:
+                result.error_samples.append(answer.problem)
+    return result
 
 
 async def predict_load(
@@ -396,73 +389,39 @@ async def predict_load(
     max_error_samples: int = 5,
 ) -> LoadResult:
     """``concurrency`` clients each sending ``POST route`` requests back to back, with
-    ``images_per_request`` images each (consecutive ones from ``images``).
+    ``images_per_request`` images each (consecutive ones from ``images``; each body encoded once,
+    beforehand).
 
     The first ``warmup`` seconds are not counted; then requests that complete within the next
     ``duration`` seconds are. A request is an error unless it answers 200 with one well-formed
     prediction per image sent. After the window no new request is sent; those in flight are awaited (not
     counted), so servers see no aborted connections. ``probes`` are started and stopped at the
     window's edges (in a thread, off the event loop)."""
-    import httpx
-
     if concurrency < 1 or duration <= 0 or warmup < 0 or images_per_request < 1:
         raise ValueError("concurrency >= 1, duration > 0, warmup >= 0 and images_per_request >= 1 are required")
-    result = LoadResult(seconds=duration, images_per_request=images_per_request)
+    # What the load generator costs comes out of the same cores as the server, so it does no
+    # work it can skip: each body is encoded once.
+    load = Load(url, images, clients=concurrency, images_per_request=images_per_request, route=route,
+                pre_encode=True, timeout=timeout)
     started = time.perf_counter()
     window_start = started + warmup
     window_end = window_start + duration
-    step = max(1, len(images) // concurrency)
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
 
-    # Each image's multipart body is encoded once, by httpx, and sent as it is: what the load
-    # generator costs comes out of the same cores as the server, so it does no work it can skip.
-    bodies = []
-    for first in range(len(images)):
-        group = [images[(first + k) % len(images)] for k in range(images_per_request)]
-        request = httpx.Request("POST", url, files=[("images", (i.name, i.data, i.content_type)) for i in group])
-        bodies.append((request.read(), {"Content-Type": request.headers["Content-Type"]}))
+    async def watch() -> None:
+        await asyncio.sleep(max(0.0, window_start - time.perf_counter()))
+        for probe in probes:
+            await asyncio.to_thread(probe.start)
+        if progress:
+            progress(f"{label}: warm-up done, measuring for {duration:g}s")
+        while (now := time.perf_counter()) < window_end:
+            await asyncio.sleep(min(5.0, window_end - now))
+            if progress and time.perf_counter() < window_end - 0.5:
+                seen = time.perf_counter() - window_start
+                so_far = window_result(load, window_start, duration)
+                progress(f"{label}: {seen:4.1f}/{duration:g}s  {so_far.ok} ok  {so_far.errors} errors  "
+                         f"{so_far.images / seen:.1f} img/s")
+        for probe in probes:
+            await asyncio.to_thread(probe.stop)
 
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=timeout) as client:
-
-        async def client_loop(index: int) -> None:
-            position = index * step  # clients start spread over the image list
-            while (sent := time.perf_counter()) < window_end:
-                body, headers = bodies[position % len(images)]
-                position += images_per_request
-                problem = None
-                try:
-                    response = await client.post(route, content=body, headers=headers)
-                    if response.status_code != 200:
-                        problem = f"HTTP {response.status_code}: {response.text[:300]}"
-                    elif not _valid_prediction(response.json(), images_per_request):
-                        problem = f"HTTP 200 with an unexpected body: {response.text[:300]}"
-                except (httpx.HTTPError, ValueError) as exc:
-                    problem = f"{type(exc).__name__}: {exc}"
-                done = time.perf_counter()
-                if not window_start <= done <= window_end:
-                    result.errors_outside_window += problem is not None
-                    continue
-                if problem is None:
-                    result.latencies_ms.append((done - sent) * 1000)
-                else:
-                    result.errors += 1
-                    if len(result.error_samples) < max_error_samples:
-                        result.error_samples.append(problem)
-
-        async def watch() -> None:
-            await asyncio.sleep(max(0.0, window_start - time.perf_counter()))
-            for probe in probes:
-                await asyncio.to_thread(probe.start)
-            if progress:
-                progress(f"{label}: warm-up done, measuring for {duration:g}s")
-            while (now := time.perf_counter()) < window_end:
-                await asyncio.sleep(min(5.0, window_end - now))
-                if progress and time.perf_counter() < window_end - 0.5:
-                    seen = time.perf_counter() - window_start
-                    progress(f"{label}: {seen:4.1f}/{duration:g}s  {result.ok} ok  {result.errors} errors  "
-                             f"{result.images / seen:.1f} img/s")
-            for probe in probes:
-                await asyncio.to_thread(probe.stop)
-
-        await asyncio.gather(watch(), *(client_loop(i) for i in range(concurrency)))
-    return result
+    await asyncio.gather(watch(), load.run(until=window_end))
+    return window_result(load, window_start, duration, max_error_samples=max_error_samples)

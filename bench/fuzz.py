@@ -1,7 +1,7 @@
 """Long property-based fuzzing run of the whole HTTP API from the OpenAPI document the service
-serves (the bounded run is ``tests/http/test_fuzz.py``; both use ``tests/fuzzing.py``):
+serves (the bounded run is ``tests/service/test_openapi.py``; both use ``tests/support/fuzzing.py``):
 
-    .venv/bin/python bench/fuzz.py --max-examples 500 --seed 1
+    .venv/bin/python -m bench.fuzz --max-examples 500 --seed 1
 
 It serves the service as shipped (plus any ``--service-env``) with an admin token on a throwaway
 copy of a state directory (bootstrapped when ``--home`` is not given: the destructive admin
@@ -21,14 +21,11 @@ import secrets
 import shutil
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as `python bench/fuzz.py`
-    sys.path.insert(0, str(ROOT))
-
-from bench.common import DEFAULT_IMAGES, Progress, install_sigterm_handler, serving, state_home  # noqa: E402
-from tests.fuzzing import file_fields_get, fuzz, real_images, upload_bytes  # noqa: E402
+from bench.common import DEFAULT_IMAGES, Progress, install_sigterm_handler, serving, state_home
+from tests.support.fuzzing import file_fields_get, fuzz, real_images, upload_bytes
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -60,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     env["TRANSFER_SERVE_ADMIN_TOKEN"] = token
     max_file_bytes = int(env.get("TRANSFER_SERVE_MAX_FILE_BYTES", 10 * 1024 * 1024))
     classes = sorted(p for p in args.images.iterdir() if p.is_dir())[:2]
-    labelled = {c.name: [p.read_bytes() for p in sorted(c.glob("*.jpg"))[:3]] for c in classes}
+    labelled: dict[str, Sequence[bytes]] = {c.name: [p.read_bytes() for p in sorted(c.glob("*.jpg"))[:3]]
+                                            for c in classes}
     photos = real_images([args.images], per_dir=8, max_bytes=max_file_bytes)
     work = Path(tempfile.mkdtemp(prefix="transfer-serve-fuzz-"))
     log_dir = args.log_dir or work

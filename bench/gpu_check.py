@@ -1,6 +1,6 @@
 """First contact with a GPU host: does the service's GPU path run, agree with the CPU, and pay?
 
-    .venv/bin/python bench/gpu_check.py [--home DIR] [--images DIR] [--count 128] \
+    .venv/bin/python -m bench.gpu_check [--home DIR] [--images DIR] [--count 128] \
         [--providers cuda|tensorrt] [--seconds 5] [--json OUT.json]
 
 One process, no HTTP. It loads the active version through the service's own ``ModelRuntime``
@@ -35,11 +35,7 @@ from typing import Any
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as `python bench/gpu_check.py`
-    sys.path.insert(0, str(ROOT))
-
-from bench.common import DEFAULT_IMAGES, begin, state_home  # noqa: E402
+from bench.common import DEFAULT_IMAGES, begin, state_home
 
 BATCH_SIZES = (1, 8, 32)
 MIN_AGREEMENT = 0.99
@@ -110,8 +106,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     progress, images = begin(args.images)
     import onnxruntime as ort
 
-    from models.preprocess import decode_and_crop
     from models.hardware import cuda_device_count
+    from models.preprocess import decode_and_crop
     from service.providers import CPU, CUDA, TENSORRT
 
     wanted = {"cuda": CUDA, "tensorrt": TENSORRT, "cpu": CPU}[args.providers]
@@ -135,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name, (variant, forced) in setups.items():
             try:
                 runtime = load_runtime(home, args.providers, variant, forced)
-            except Exception as exc:  # report it, check the other setups, exit non-zero
+            except Exception as exc:  # noqa: BLE001 - any load failure is reported; the other setups are checked
                 failures.append(f"{name}: could not load: {type(exc).__name__}: {exc}")
                 progress(failures[-1])
                 continue

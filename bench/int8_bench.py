@@ -2,7 +2,7 @@
 in-process onnxruntime throughput, and end-to-end service throughput, against the issue's targets
 (at most 0.5 percentage points less accurate; at least 1.25x the service throughput).
 
-    .venv/bin/python bench/int8_bench.py --concurrency 32 --duration 20 --warmup 3 --rounds 2 \
+    .venv/bin/python -m bench.int8_bench --concurrency 32 --duration 20 --warmup 3 --rounds 2 \
         [--data ../shared/data/hymenoptera/train] [--home DIR --version vN] [--json OUT.json] \
         [--service-env TRANSFER_SERVE_WORKERS=2 ...] [--log-dir DIR]
 
@@ -36,19 +36,18 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as `python bench/int8_bench.py`
-    sys.path.insert(0, str(ROOT))
-
-from bench.common import (  # noqa: E402
+from bench.common import (
     DEFAULT_IMAGES,
+    ImageFile,
     ProcessCPU,
     Progress,
+    Server,
     SystemCPU,
     describe_images,
     install_sigterm_handler,
@@ -56,6 +55,8 @@ from bench.common import (  # noqa: E402
     predict_load,
     serving,
 )
+from tests.support.paths import ROOT
+from tests.support.polling import eventually
 
 VARIANTS = ("fp32", "int8")
 #: The issue's targets: INT8 loses at most this much top-1 accuracy, and serves this much faster.
@@ -157,7 +158,7 @@ def in_process(home: Path, version: str, data: Path, args: argparse.Namespace,
     return results
 
 
-def check_server(server: Any, version: str, variant: str, images: Sequence[Any]) -> None:
+def check_server(server: Server, version: str, variant: str, images: Sequence[ImageFile]) -> None:
     """The server serves ``variant`` of ``version`` (its log says so) and answers with the version."""
     import httpx
 
@@ -165,18 +166,30 @@ def check_server(server: Any, version: str, variant: str, images: Sequence[Any])
         return any(f"serving model version {version} (" in line and f"; variant {variant};" in line
                    for line in server.log().splitlines())
 
-    deadline = time.monotonic() + 30
-    while not said() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    if not said():
+    try:
+        eventually(said, timeout=30, interval=0.2)
+    except TimeoutError:
         raise RuntimeError(f"the {variant} server's log never says it serves {version}, variant {variant}:\n"
-                           f"{server.log()[-2000:]}")
+                           f"{server.log()[-2000:]}") from None
     image = images[0]
-    response = httpx.post(server.url + "/predict", files=[("images", (image.name, image.data, image.content_type))],
-                          timeout=60)
+    response = httpx.post(server.url + "/predict", files=[("images", image.as_file())], timeout=60)
     response.raise_for_status()
     if response.json()[0]["model_version"] != version:
         raise RuntimeError(f"the {variant} server answered {response.text[:300]}")
+
+
+@dataclass
+class Tally:
+    """One variant's service measurements, pooled over the rounds."""
+
+    ok: int = 0  # images in successful requests
+    errors: int = 0
+    seconds: float = 0.0
+    latencies_ms: list[float] = field(default_factory=list)
+    per_round: list[float] = field(default_factory=list)
+    machine_busy: float = 0.0
+    server_cpu: float = 0.0
+    client_cpu: float = 0.0
 
 
 def service(home: Path, version: str, args: argparse.Namespace, stack: contextlib.ExitStack,
@@ -197,8 +210,7 @@ def service(home: Path, version: str, args: argparse.Namespace, stack: contextli
         check_server(servers[variant], version, variant, images)
         progress(f"service: {variant} ready at {servers[variant].url}")
     seconds = args.duration / args.rounds
-    tallies = {v: {"ok": 0, "errors": 0, "seconds": 0.0, "latencies_ms": [], "per_round": [],
-                   "machine_busy": 0.0, "server_cpu": 0.0, "client_cpu": 0.0} for v in VARIANTS}
+    tallies = {v: Tally() for v in VARIANTS}
     for round_index in range(args.rounds):
         for variant, server in servers.items():
             label = f"{variant} (round {round_index + 1}/{args.rounds})"
@@ -208,28 +220,27 @@ def service(home: Path, version: str, args: argparse.Namespace, stack: contextli
                                               warmup=args.warmup, probes=[machine, server_cpu, client_cpu],
                                               progress=progress, label=label))
             tally = tallies[variant]
-            tally["ok"] += result.images
-            tally["errors"] += result.errors
-            tally["seconds"] += result.seconds
-            tally["latencies_ms"] += result.latencies_ms
-            tally["per_round"].append(result.throughput)
-            tally["machine_busy"] += machine.busy_seconds()
-            tally["server_cpu"] += sum(server_cpu.seconds().values())
-            tally["client_cpu"] += sum(client_cpu.seconds().values())
+            tally.ok += result.images
+            tally.errors += result.errors
+            tally.seconds += result.seconds
+            tally.latencies_ms += result.latencies_ms
+            tally.per_round.append(result.throughput)
+            tally.machine_busy += machine.busy_seconds()
+            tally.server_cpu += sum(server_cpu.seconds().values())
+            tally.client_cpu += sum(client_cpu.seconds().values())
             progress(f"{label}: {result.throughput:.1f} img/s, {result.errors} errors")
     progress("stopping the servers")
     results = {}
     for variant, tally in tallies.items():
-        lat = tally["latencies_ms"]
+        lat = tally.latencies_ms
         results[variant] = {
-            "throughput": tally["ok"] / tally["seconds"], "requests_ok": tally["ok"], "errors": tally["errors"],
-            "seconds": tally["seconds"], "throughput_per_round": tally["per_round"],
+            "throughput": tally.ok / tally.seconds, "requests_ok": tally.ok, "errors": tally.errors,
+            "seconds": tally.seconds, "throughput_per_round": tally.per_round,
             "latency_ms": {f"p{q}": float(np.percentile(lat, q)) if lat else None for q in (50, 95, 99)},
-            "server_cores_busy": tally["server_cpu"] / tally["seconds"],
-            "server_cpu_ms_per_image": 1000 * tally["server_cpu"] / max(tally["ok"], 1),
-            "load_generator_cores_busy": tally["client_cpu"] / tally["seconds"],
-            "other_cores_busy": max(0.0, tally["machine_busy"] - tally["server_cpu"] - tally["client_cpu"])
-            / tally["seconds"],
+            "server_cores_busy": tally.server_cpu / tally.seconds,
+            "server_cpu_ms_per_image": 1000 * tally.server_cpu / max(tally.ok, 1),
+            "load_generator_cores_busy": tally.client_cpu / tally.seconds,
+            "other_cores_busy": max(0.0, tally.machine_busy - tally.server_cpu - tally.client_cpu) / tally.seconds,
         }
     return results
 

@@ -1,7 +1,7 @@
 """Kill -9 a serving worker under load: how many requests fail while it is replaced, and how long
 until the replacement serves.
 
-    .venv/bin/python bench/kill_worker.py [--targets inference,http] [--concurrency 16] \
+    .venv/bin/python -m bench.kill_worker [--targets inference,http] [--concurrency 16] \
         [--before 10] [--after 30] [--home DIR] [--service-env KEY=VALUE ...] [--json OUT.json] \
         [--log-dir DIR]
 
@@ -45,39 +45,21 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as `python bench/kill_worker.py`
-    sys.path.insert(0, str(ROOT))
-
-from bench.common import (  # noqa: E402
+from bench.common import (
+    ImageFile,
+    Server,
     add_service_arguments,
     begin,
     check_service_arguments,
-    ImageFile,
-    Server,
-    _process_label,
     serving,
     state_home,
 )
-from bench.soak import Load, Outcome, send_load, summarise  # noqa: E402
+from bench.soak import summarise
+from tests.support.load import Answer, Load
+from tests.support.workers import WORKER_TARGETS as TARGETS
+from tests.support.workers import worker_pid
 
-#: target -> (process label, log line that says the replacement is ready)
-TARGETS: dict[str, tuple[str, str]] = {
-    "inference": ("transfer_serve_inference#1", "[service:transfer_serve_inference:1] serving model version"),
-    "http": ("transfer_serve#1", "[entry_service:transfer_serve:1] Service transfer_serve initialized"),
-}
 RETRY_WARNING = "inference call failed"
-
-
-def worker_pid(server: Server, label: str) -> int | None:
-    """The pid of the server's worker process with ``label`` (``transfer_serve#1``), if alive."""
-    import psutil
-
-    with contextlib.suppress(psutil.Error):
-        for process in psutil.Process(server.process.pid).children(recursive=True):
-            if _process_label(process) == label and process.status() != psutil.STATUS_ZOMBIE:
-                return process.pid
-    return None
 
 
 def log_lines_since(path: Path, offset: int) -> list[str]:
@@ -86,12 +68,12 @@ def log_lines_since(path: Path, offset: int) -> list[str]:
         return fh.read().decode(errors="replace").splitlines()
 
 
-def longest_gap(outcomes: Sequence[Outcome], start: float, end: float) -> tuple[float, float]:
+def longest_gap(answers: Sequence[Answer], start: float, end: float) -> tuple[float, float]:
     """The longest time between consecutive successful answers within [start, end], and when it
-    began (seconds of the load clock)."""
-    times = sorted(o.done for o in outcomes if o.ok and start <= o.done <= end)
+    began (perf_counter)."""
+    times = sorted(a.done for a in answers if a.ok and start <= a.done <= end)
     best, at = 0.0, start
-    for a, b in zip([start, *times], [*times, end]):
+    for a, b in zip([start, *times], [*times, end], strict=True):
         if b - a > best:
             best, at = b - a, a
     return best, at
@@ -100,7 +82,7 @@ def longest_gap(outcomes: Sequence[Outcome], start: float, end: float) -> tuple[
 async def kill_under_load(server: Server, images: Sequence[ImageFile], target: str, args: argparse.Namespace,
                           progress: Callable[[str], None]) -> dict[str, Any]:
     label, ready_line = TARGETS[target]
-    load = Load()
+    load = Load(server.url, images, clients=args.concurrency, timeout=args.timeout)
     stopping = False
     events: dict[str, Any] = {}
 
@@ -114,39 +96,39 @@ async def kill_under_load(server: Server, images: Sequence[ImageFile], target: s
             offset = server.log_path.stat().st_size
             answered = load.answered
             os.kill(pid, signal.SIGKILL)
-            events.update(kill=load.now(), killed_pid=pid, log_offset=offset, answered_before_kill=answered)
+            events.update(kill=time.perf_counter(), killed_pid=pid, log_offset=offset, answered_before_kill=answered)
             progress(f"{target}: SIGKILL sent to {label} (pid {pid}) after {answered} answers")
             deadline = events["kill"] + args.after
-            while load.now() < deadline:
+            while time.perf_counter() < deadline:
                 if "replaced" not in events:
                     new = await asyncio.to_thread(worker_pid, server, label)
                     if new is not None and new != pid:
-                        events.update(replaced=load.now(), replacement_pid=new)
+                        events.update(replaced=time.perf_counter(), replacement_pid=new)
                         progress(f"{target}: replacement {label} is pid {new}")
                 if "ready" not in events and any(ready_line in line for line in
                                                  await asyncio.to_thread(log_lines_since, server.log_path, offset)):
-                    events["ready"] = load.now()
+                    events["ready"] = time.perf_counter()
                     progress(f"{target}: the replacement reports ready")
                 await asyncio.sleep(0.1)
         finally:
             stopping = True
 
-    await asyncio.gather(killer(), send_load(server.url, images, load, concurrency=args.concurrency,
-                                             stop=lambda: stopping, timeout=args.timeout))
+    await asyncio.gather(killer(), load.run(stop=lambda: stopping))
     return analyse(load, events, server, target, args)
 
 
-def analyse(load: Load, events: dict[str, Any], server: Server, target: str, args: argparse.Namespace) -> dict[str, Any]:
-    kill = events["kill"]
-    end = max(o.done for o in load.outcomes)
-    before = [o for o in load.outcomes if o.done < kill]
-    after = [o for o in load.outcomes if o.done >= kill]
-    failed_after = [o for o in after if not o.ok]
-    first_success = min((o.done for o in after if o.ok and o.sent >= kill), default=None)
-    gap, gap_at = longest_gap(load.outcomes, max(0.0, kill - 5), end)
+def analyse(load: Load, events: dict[str, Any], server: Server, target: str,
+            args: argparse.Namespace) -> dict[str, Any]:
+    kill, origin = events["kill"], load.started
+    end = max(a.done for a in load.answers)
+    before = [a for a in load.answers if a.done < kill]
+    after = [a for a in load.answers if a.done >= kill]
+    failed_after = [a for a in after if not a.ok]
+    first_success = min((a.done for a in after if a.ok and a.sent >= kill), default=None)
+    gap, gap_at = longest_gap(load.answers, max(origin, kill - 5), end)
     ready = events.get("ready")
-    settled = [o for o in after if ready is not None and o.sent >= ready]
-    warm = [o for o in before if o.sent >= 2.0]  # the first seconds include connection set-up
+    settled = [a for a in after if ready is not None and a.sent >= ready]
+    warm = [a for a in before if a.sent - origin >= 2.0]  # the first seconds include connection set-up
     lines = log_lines_since(server.log_path, events["log_offset"])
     retries = sum(RETRY_WARNING in line for line in lines)
 
@@ -160,13 +142,13 @@ def analyse(load: Load, events: dict[str, Any], server: Server, target: str, arg
         "replacement_ready_after_s": since_kill(ready),
         "first_success_sent_after_kill_s": since_kill(first_success),
         "longest_gap_between_successes_s": gap, "longest_gap_starts_s": gap_at - kill,
-        "failed_after_kill": summarise(failed_after) if failed_after else {"errors": 0},
-        "failed_before_kill": sum(not o.ok for o in before),
+        "failed_after_kill": summarise(failed_after, origin=origin) if failed_after else {"errors": 0},
+        "failed_before_kill": sum(not a.ok for a in before),
         "answered_after_kill": len(after),
         "internal_retries_after_kill": retries,
         "failure_window_s": ([failed_after[0].done - kill, failed_after[-1].done - kill] if failed_after else None),
-        "before": summarise(warm) if warm else None,
-        "after_ready": summarise(settled) if settled else None,
+        "before": summarise(warm, origin=origin) if warm else None,
+        "after_ready": summarise(settled, origin=origin) if settled else None,
         "readyz_at_end": _readyz(server),
     }
 
@@ -204,7 +186,8 @@ def print_report(results: Sequence[dict[str, Any]], args: argparse.Namespace) ->
             figures = r[name]
             if figures:
                 lat = figures["latency_ms"]
-                print(f"  {'before the kill' if name == 'before' else 'once replaced':<16} {figures['throughput']:6.1f} req/s, "
+                when = "before the kill" if name == "before" else "once replaced"
+                print(f"  {when:<16} {figures['throughput']:6.1f} req/s, "
                       f"p50 {lat['p50']:.0f} ms, p99 {lat['p99']:.0f} ms, {figures['errors']} errors")
         print(f"  /readyz at the end: {r['readyz_at_end']}; failures before the kill: {r['failed_before_kill']}")
 

@@ -1,7 +1,7 @@
 """Prediction throughput and latency: the shipped service against the in-process limit and a
 naive one-image-per-call service, measured one after another in the same run.
 
-    .venv/bin/python bench/predict_bench.py --concurrency 32 --duration 20 --warmup 3 --rounds 2 \
+    .venv/bin/python -m bench.predict_bench --concurrency 32 --duration 20 --warmup 3 --rounds 2 \
         [--home DIR] [--images ../shared/data/hymenoptera/train] [--json OUT.json] [--plot OUT.png] \
         [--setups service,limit,naive,floor] [--images-per-request 1] \
         [--service-env TRANSFER_SERVE_WORKERS=2 ...] [--log-dir DIR]
@@ -38,6 +38,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import os
 import platform
 import queue
@@ -52,14 +53,7 @@ from typing import Any
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as `python bench/predict_bench.py`
-    sys.path.insert(0, str(ROOT))
-
-from bench.common import (  # noqa: E402
-    add_service_arguments,
-    begin,
-    check_service_arguments,
+from bench.common import (
     ImageFile,
     LoadResult,
     LogWatch,
@@ -68,12 +62,16 @@ from bench.common import (  # noqa: E402
     Progress,
     Server,
     SystemCPU,
+    add_service_arguments,
+    begin,
+    check_service_arguments,
     describe_images,
     percentiles,
     predict_load,
     serving,
     state_home,
 )
+from tests.support.polling import eventually
 
 SETUPS = ("service", "limit", "naive", "floor")
 BATCH_SIZES = (1, 4, 8, 16, 32)
@@ -186,10 +184,13 @@ def limit_run(runtimes: Sequence[Any], images: Sequence[ImageFile], *, batch_siz
         for probe in probes:
             probe.start()
         probed_from = time.perf_counter()
-        while time.perf_counter() < window_end or sum(1 for c in completions if c >= window_start) < 3:
+
+        def window_done() -> bool:  # the window is over and at least 3 batches completed in it
             if failures:
                 raise failures[0]
-            time.sleep(0.05)
+            return time.perf_counter() >= window_end and sum(1 for c in completions if c >= window_start) >= 3
+
+        eventually(window_done, timeout=math.inf, interval=0.05)
         probed_to = time.perf_counter()
         for probe in probes:
             probe.stop()
@@ -334,7 +335,8 @@ def measure_http_round(tally: Tally, server: Server, images: Sequence[ImageFile]
     machine = SystemCPU()
     result: LoadResult = asyncio.run(predict_load(
         server.url, images, concurrency=args.concurrency, duration=seconds, warmup=args.warmup,
-        images_per_request=args.images_per_request, probes=[machine, server_cpu, client_cpu, metrics, log_watch], progress=progress, label=label))
+        images_per_request=args.images_per_request, probes=[machine, server_cpu, client_cpu, metrics, log_watch],
+        progress=progress, label=label))
     tally.images += result.images
     tally.seconds += result.seconds
     tally.probed_seconds += result.seconds
@@ -355,7 +357,8 @@ def measure_http_round(tally: Tally, server: Server, images: Sequence[ImageFile]
     }
     tally.metrics = {k: (tally.metrics or {}).get(k, 0.0) + v for k, v in deltas.items()}
     tally.log_lines += log_watch.count
-    tally.log_samples += [s for s in log_watch.samples if s not in tally.log_samples][: max(0, 5 - len(tally.log_samples))]
+    new_samples = [s for s in log_watch.samples if s not in tally.log_samples]
+    tally.log_samples += new_samples[: max(0, 5 - len(tally.log_samples))]
     tally.per_round.append(result.throughput)
     return result.throughput
 
@@ -410,7 +413,8 @@ def print_report(results: Mapping[str, dict[str, Any]], failures: Mapping[str, s
         f" after {args.warmup:g}s warm-up"
     per_request = "single-image requests" if args.images_per_request == 1 else \
         f"{args.images_per_request} images per request"
-    print(f"prediction benchmark: concurrency {args.concurrency}, {per_request}, {args.duration:g}s measured per setup{rounds}, "
+    print(f"prediction benchmark: concurrency {args.concurrency}, {per_request}, "
+          f"{args.duration:g}s measured per setup{rounds}, "
           f"{summary['cores']} cores, {summary['images']}")
     header = (f"{'setup':<14}{'img/s':>8}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'errors':>8}"
               f"{'CPU ms/img':>12}{'cores busy':>12}{'other load':>12}")
@@ -442,7 +446,8 @@ def print_report(results: Mapping[str, dict[str, Any]], failures: Mapping[str, s
         print(f"\nlimit, sweep of sessions x threads and batch size ({args.sweep_seconds:g}s each, img/s): {sweep}")
         busy = [f"b={f['batch_size']}" for f in results["limit"]["sweep"] if f["other_cores_busy"] > OTHER_LOAD_WARNING]
         if busy:
-            print(f"note: other work used more than {OTHER_LOAD_WARNING:g} cores during the sweep at {', '.join(busy)}; "
+            print(f"note: other work used more than {OTHER_LOAD_WARNING:g} cores during the sweep at "
+                  f"{', '.join(busy)}; "
                   "the batch size chosen may not be the best")
     for name in ("service", "naive", "floor"):
         if name not in results:
@@ -476,7 +481,8 @@ def print_report(results: Mapping[str, dict[str, Any]], failures: Mapping[str, s
     if top is not None:
         reach = f"{top['of_limit']:.2f} x limit" + (f", {top['of_naive']:.2f} x naive" if "of_naive" in top else "")
         print(f"\nceiling for any service with this contract: {top['throughput']:.1f} img/s = {reach}\n"
-              f"  ({top['cores']} cores / (limit's decoding + inference {top['work_ms_per_image']:.1f} + floor's request "
+              f"  ({top['cores']} cores / (limit's decoding + inference {top['work_ms_per_image']:.1f} + "
+              f"floor's request "
               f"handling {top['request_ms_per_image']:.1f} + load generator {top['load_generator_ms_per_image']:.1f} "
               "CPU ms/img); nothing charged for batching\n"
               "  or for handing images to it: a ratio target above this cannot be met with these requests here")
@@ -589,7 +595,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     progress(f"{name}: starting `bentoml serve {target}`" + (f" with {shown}" if shown else ""))
                     servers[name] = stack.enter_context(serving(target, home, log_dir, env=env))
                     progress(f"{name}: ready at {servers[name].url}")
-            except Exception as exc:  # report it, measure the other setups, exit non-zero
+            except Exception as exc:  # noqa: BLE001 - any failure of a setup is reported; the others are measured
                 failures[name] = f"{type(exc).__name__}: {exc}"
                 progress(f"{name}: FAILED: {failures[name]}")
             else:
@@ -608,7 +614,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     else:
                         throughput = measure_http_round(tallies[name], servers[name], images, seconds, args,
                                                         progress, label)
-                except Exception as exc:
+                except Exception as exc:  # noqa: BLE001 - reported, the setup dropped, the others measured
                     failures[name] = f"{type(exc).__name__}: {exc}"
                     progress(f"{label}: FAILED: {failures[name]}")
                     del tallies[name]
@@ -619,9 +625,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = {name: tally.figures() for name, tally in tallies.items()}
     if limit is not None and "limit" in results:
         results["limit"].update(
-            batch_size=limit.batch_size, sweep=limit.sweep, providers=list(limit.runtimes[0].loaded.providers), sessions=len(limit.runtimes),
+            batch_size=limit.batch_size, sweep=limit.sweep, providers=list(limit.runtimes[0].loaded.providers),
+            sessions=len(limit.runtimes),
             intra_op_threads=limit.runtimes[0].settings.intra_op_threads, decode_threads=limit.decode_threads)
-    summary = {
+    summary: dict[str, Any] = {
         "cores": cpu_count(), "images": describe_images(images),
         "ratios": ratios(results, args.concurrency),
         "ceiling": ceiling(results, cpu_count()),
@@ -631,7 +638,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         import onnxruntime
 
         document = {
-            "config": {"concurrency": args.concurrency, "images_per_request": args.images_per_request, "duration_s": args.duration, "warmup_s": args.warmup,
+            "config": {"concurrency": args.concurrency, "images_per_request": args.images_per_request,
+                       "duration_s": args.duration, "warmup_s": args.warmup,
                        "rounds": args.rounds,
                        "sweep_seconds": args.sweep_seconds, "setups": args.setups,
                        "service_env": args.service_env, "images": str(args.images), "cores": cpu_count(),

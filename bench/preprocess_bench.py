@@ -1,6 +1,6 @@
 """Preprocessing speed and parity: the exact (timm) path against the fast path the service uses.
 
-    .venv/bin/python bench/preprocess_bench.py [--images ../shared/data/hymenoptera/train] \
+    .venv/bin/python -m bench.preprocess_bench [--images ../shared/data/hymenoptera/train] \
         [--large 6] [--rounds 5] [--min-seconds 1.0] [--threads N] [--home DIR] [--json OUT.json]
 
 Both paths turn image bytes into the uint8 centre crop the network sees
@@ -32,11 +32,9 @@ Timings are printed, never judged: only ratios from one run mean something on a 
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import platform
-import sys
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -47,13 +45,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as `python bench/preprocess_bench.py`
-    sys.path.insert(0, str(ROOT))
-
-from bench.common import begin  # noqa: E402
-from models.preprocess import decode_and_crop, decode_image  # noqa: E402
-from models.spec import PreprocessConfig  # noqa: E402
+from bench.common import DEFAULT_IMAGES, begin
+from models.preprocess import decode_and_crop, decode_image
+from models.spec import PreprocessConfig
+from tests.support.images import encode
 
 LARGE_SIZE = (4000, 3000)
 
@@ -62,12 +57,6 @@ LARGE_SIZE = (4000, 3000)
 class ImageSet:
     name: str
     blobs: list[bytes]
-
-
-def encode(image: Image.Image, fmt: str, **params: Any) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, fmt, **params)
-    return buffer.getvalue()
 
 
 def large_sets(photos: Sequence[bytes], count: int) -> list[ImageSet]:
@@ -161,7 +150,7 @@ def resave_noise(blobs: Sequence[bytes], config: PreprocessConfig) -> float:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--images", type=Path, default=ROOT.parent / "shared" / "data" / "hymenoptera" / "train")
+    parser.add_argument("--images", type=Path, default=DEFAULT_IMAGES)
     parser.add_argument("--large", type=int, default=6, help="12-megapixel images per generated JPEG set")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--min-seconds", type=float, default=1.0, help="least duration of one timed round")

@@ -1,7 +1,7 @@
 """Retraining through the admin API: time to a live new model, its held-out accuracy, and what a
 retrain costs the prediction latency, all in one run on one bootstrapped state directory.
 
-    .venv/bin/python bench/retrain_bench.py [--home DIR] [--images ../shared/data/hymenoptera/train]
+    .venv/bin/python -m bench.retrain_bench [--home DIR] [--images ../shared/data/hymenoptera/train]
         [--concurrency 8] [--idle-seconds 15] [--json OUT.json]
 
 Steps (each printed with its elapsed time):
@@ -22,47 +22,33 @@ import argparse
 import asyncio
 import io
 import json
+import math
 import os
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as `python bench/retrain_bench.py`
-    sys.path.insert(0, str(ROOT))
+import httpx
+from PIL import Image, ImageOps
 
-import httpx  # noqa: E402
-from PIL import Image, ImageOps  # noqa: E402
-
-from bench.common import (  # noqa: E402
-    DEFAULT_IMAGES, ImageFile, Progress, install_sigterm_handler, load_images, percentiles, serving, state_home,
+from bench.common import (
+    DEFAULT_IMAGES,
+    ImageFile,
+    Progress,
+    install_sigterm_handler,
+    load_images,
+    percentiles,
+    serving,
+    state_home,
 )
+from tests.support.load import Answer, Load
+from tests.support.paths import CHELSEA as PROBE
+from tests.support.polling import eventually
 
 TOKEN = "bench-admin-token-" + os.urandom(8).hex()
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-PROBE = (ROOT / "training/samples/chelsea.jpg").read_bytes()
-
-
-async def load_until(url: str, images: list[ImageFile], concurrency: int, stop: asyncio.Event) -> list[tuple[float, float, int]]:
-    """Single-image /predict requests back to back from ``concurrency`` clients until ``stop``;
-    returns (completed_at, latency_s, status) per request."""
-    samples: list[tuple[float, float, int]] = []
-    async with httpx.AsyncClient(base_url=url, timeout=120) as client:
-        async def one_client(offset: int) -> None:
-            position = offset
-            while not stop.is_set():
-                image = images[position % len(images)]
-                position += 1
-                sent = time.perf_counter()
-                try:
-                    status = (await client.post("/predict", files=[("images", (image.name, image.data))])).status_code
-                except httpx.HTTPError:
-                    status = 0
-                samples.append((time.perf_counter(), time.perf_counter() - sent, status))
-        await asyncio.gather(*(one_client(i * 7) for i in range(concurrency)))
-    return samples
 
 
 def upload_all(http: httpx.Client, images: list[ImageFile], chunk: int = 32) -> None:
@@ -77,46 +63,53 @@ def upload_all(http: httpx.Client, images: list[ImageFile], chunk: int = 32) -> 
 
 
 def mirrored(images: list[ImageFile], per_class: int) -> list[ImageFile]:
-    out, taken = [], {}
+    out: list[ImageFile] = []
+    taken: dict[str, int] = {}
     for image in images:
         if taken.get(image.label, 0) >= per_class:
             continue
         taken[image.label] = taken.get(image.label, 0) + 1
         buffer = io.BytesIO()
         ImageOps.mirror(Image.open(io.BytesIO(image.data)).convert("RGB")).save(buffer, format="JPEG", quality=92)
-        out.append(ImageFile("mirror-" + image.name, image.label, buffer.getvalue(), "image/jpeg"))
+        out.append(ImageFile("mirror-" + image.name, buffer.getvalue(), "image/jpeg", image.label))
     return out
 
 
-async def retrain_and_time(url: str, http: httpx.Client) -> dict[str, Any]:
+def retrain_and_time(url: str, http: httpx.Client) -> dict[str, Any]:
     """POST /admin/retrain, then poll: seconds to job end and to the first prediction from the
     new version."""
     started = time.perf_counter()
     response = http.post("/admin/retrain", headers=AUTH)
     response.raise_for_status()
     job_id = response.json()["id"]
-    while True:
-        job = http.get(f"/admin/jobs/{job_id}", headers=AUTH).json()
-        if job["state"] not in ("queued", "running"):
-            break
-        await asyncio.sleep(0.1)
+
+    def ended() -> dict[str, Any] | Literal[False]:
+        job: dict[str, Any] = http.get(f"/admin/jobs/{job_id}", headers=AUTH).json()
+        return job if job["state"] not in ("queued", "running") else False
+
+    job = eventually(ended, timeout=math.inf, interval=0.1)
     job_done = time.perf_counter() - started
     live = None
     if job["state"] == "succeeded":
-        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
-            while time.perf_counter() - started < job_done + 30:
-                body = (await client.post("/predict", files=[("images", ("probe.jpg", PROBE))])).json()
-                if body[0]["model_version"] == job["version"]:
-                    live = time.perf_counter() - started
-                    break
-                await asyncio.sleep(0.05)
+        with httpx.Client(base_url=url, timeout=60) as client:
+
+            def serves_the_new_version() -> bool:
+                body = client.post("/predict", files=[("images", ("probe.jpg", PROBE))]).json()
+                return bool(body[0]["model_version"] == job["version"])
+
+            try:
+                eventually(serves_the_new_version, timeout=started + job_done + 30 - time.perf_counter(),
+                           interval=0.05)
+                live = time.perf_counter() - started
+            except TimeoutError:
+                pass
     return {"job": job, "job_seconds": job_done, "live_seconds": live, "window": (started, started + job_done)}
 
 
-def latency_stats(samples: list[tuple[float, float, int]], start: float, end: float) -> dict[str, Any]:
-    inside = [(lat, status) for done, lat, status in samples if start <= done <= end]
-    ok = [lat * 1000 for lat, status in inside if status == 200]
-    return {"requests": len(inside), "errors": sum(1 for _, s in inside if s != 200),
+def latency_stats(answers: list[Answer], start: float, end: float) -> dict[str, Any]:
+    inside = [a for a in answers if start <= a.done <= end]
+    ok = [a.latency_ms for a in inside if a.status == 200]
+    return {"requests": len(inside), "errors": sum(1 for a in inside if a.status != 200),
             "throughput": len(ok) / (end - start) if end > start else 0.0, **percentiles(ok)}
 
 
@@ -134,8 +127,8 @@ def embedding_limit(home: Path, version: str, images: list[ImageFile]) -> dict[s
     graph in this process, one worker per core (what a retrain job does, minus its process
     start, database, cache and lower priority): the yardstick for the jobs' embedding speed."""
     from models.extract import extract
-    from store.state import open_state
     from models.hardware import cpu_count
+    from store.state import open_state
 
     model = open_state(home=home).registry.get(version)
     data = [image.data for image in images]
@@ -166,20 +159,21 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         await asyncio.to_thread(upload_all, http, images)
         results["upload_seconds"] = time.perf_counter() - upload_start
         progress(f"uploaded in {results['upload_seconds']:.1f}s; retrain 1 (idle, every embedding computed)")
-        results["first_retrain"] = job_summary(await retrain_and_time(server.url, http))
+        results["first_retrain"] = job_summary(await asyncio.to_thread(retrain_and_time, server.url, http))
         progress(f"retrain 1: {results['first_retrain']['state']} in {results['first_retrain']['job_seconds']:.1f}s")
         progress("the in-process limit of embedding extraction, same images, same graph (server idle)")
         results["embedding_limit"] = await asyncio.to_thread(embedding_limit, home, "v1", images)
         extra = mirrored(images, per_class=10)
         await asyncio.to_thread(upload_all, http, extra)
         progress(f"uploaded {len(extra)} new images; retrain 2 (idle, cache hits)")
-        results["second_retrain"] = job_summary(await retrain_and_time(server.url, http))
+        results["second_retrain"] = job_summary(await asyncio.to_thread(retrain_and_time, server.url, http))
         progress(f"retrain 2: {results['second_retrain']['state']} in {results['second_retrain']['job_seconds']:.1f}s")
 
         clear_embedding_cache(home)
         progress(f"idle baseline: /predict at concurrency {args.concurrency} for {args.idle_seconds:g}s")
-        stop = asyncio.Event()
-        load = asyncio.create_task(load_until(server.url, images, args.concurrency, stop))
+        load = Load(server.url, images, clients=args.concurrency)
+        stopping = asyncio.Event()
+        running = asyncio.create_task(load.run(stop=stopping.is_set))
         await asyncio.sleep(2)  # warm-up, not counted
         idle_start = time.perf_counter()
         await asyncio.sleep(args.idle_seconds)
@@ -187,12 +181,12 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         progress("retrain 3 under the same load (embedding cache cleared: a full-size job)")
         http.post("/admin/labels", headers=AUTH, data={"label": images[0].label},
                   files=[("images", ("probe.jpg", PROBE))]).raise_for_status()  # something new to learn
-        loaded = await retrain_and_time(server.url, http)
-        stop.set()
-        samples = await load
+        loaded = await asyncio.to_thread(retrain_and_time, server.url, http)
+        stopping.set()
+        await running
         results["third_retrain_under_load"] = job_summary(loaded)
-        results["idle"] = latency_stats(samples, idle_start, idle_end)
-        results["during_retrain"] = latency_stats(samples, *loaded["window"])
+        results["idle"] = latency_stats(load.answers, idle_start, idle_end)
+        results["during_retrain"] = latency_stats(load.answers, *loaded["window"])
         progress("done")
     return results
 
@@ -235,7 +229,8 @@ def report(results: dict[str, Any]) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--home", type=Path, help="state directory with a model (default: a bootstrapped temporary one)")
+    parser.add_argument("--home", type=Path,
+                        help="state directory with a model (default: a bootstrapped temporary one)")
     parser.add_argument("--images", type=Path, default=DEFAULT_IMAGES)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--idle-seconds", type=float, default=15)

@@ -1,7 +1,7 @@
 """Soak: a long, bounded run of single-image predictions against the shipped service, watching
 errors and the memory (RSS) of every serving process for a growth trend.
 
-    .venv/bin/python bench/soak.py [--requests 20000] [--concurrency 64] [--warmup-requests 256] \
+    .venv/bin/python -m bench.soak [--requests 20000] [--concurrency 64] [--warmup-requests 256] \
         [--images ../shared/data/hymenoptera/train] [--home DIR] [--service-env KEY=VALUE ...] \
         [--sample-seconds 2] [--json OUT.json] [--plot OUT.png] [--log-dir DIR]
 
@@ -35,135 +35,52 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as `python bench/soak.py`
-    sys.path.insert(0, str(ROOT))
-
-from bench.common import (  # noqa: E402
+from bench.common import (
+    ImageFile,
+    LogWatch,
     add_service_arguments,
     begin,
     check_service_arguments,
-    ImageFile,
-    LogWatch,
-    _process_label,
-    _valid_prediction,
     describe_images,
     percentiles,
     serving,
     state_home,
 )
+from tests.support.load import Answer, Load
+from tests.support.workers import process_label
 
 MB = 1024 * 1024
 
 
-# -- load: a fixed number of requests, every outcome kept ----------------------------------------
+# -- load: a fixed number of requests, every answer kept (tests.support.load) -----------------------
 
 
-@dataclass
-class Outcome:
-    """One request: when it was sent and answered (seconds since the load started), the HTTP
-    status (None for a transport error) and, unless it succeeded, what went wrong."""
-
-    sent: float
-    done: float
-    status: int | None
-    problem: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.problem is None
-
-    @property
-    def latency_ms(self) -> float:
-        return (self.done - self.sent) * 1000
-
-
-@dataclass
-class Load:
-    """Outcomes in completion order; ``started`` is the perf_counter origin of their times."""
-
-    started: float = field(default_factory=time.perf_counter)
-    outcomes: list[Outcome] = field(default_factory=list)
-
-    @property
-    def answered(self) -> int:
-        return len(self.outcomes)
-
-    def now(self) -> float:
-        return time.perf_counter() - self.started
-
-
-async def send_load(
-    url: str,
-    images: Sequence[ImageFile],
-    load: Load,
-    *,
-    concurrency: int,
-    total: int | None = None,
-    stop: Callable[[], bool] = lambda: False,
-    timeout: float = 120,
-) -> None:
-    """``concurrency`` clients each sending single-image ``POST /predict`` back to back, until
-    ``total`` requests have been sent (when given) or ``stop()`` is true; requests in flight are
-    awaited, so the server sees no aborted connections. Every outcome is appended to ``load``."""
-    import httpx
-
-    if concurrency < 1:
-        raise ValueError("concurrency must be >= 1")
-    sent = 0
-    step = max(1, len(images) // concurrency)
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=timeout) as client:
-
-        async def client_loop(index: int) -> None:
-            nonlocal sent
-            position = index * step  # clients start spread over the image list
-            while not stop() and (total is None or sent < total):
-                sent += 1
-                image = images[position % len(images)]
-                position += 1
-                started = load.now()
-                status, problem = None, None
-                try:
-                    response = await client.post(
-                        "/predict", files=[("images", (image.name, image.data, image.content_type))])
-                    status = response.status_code
-                    if status != 200:
-                        problem = f"HTTP {status}: {response.text[:300]}"
-                    elif not _valid_prediction(response.json()):
-                        problem = f"HTTP 200 with an unexpected body: {response.text[:300]}"
-                except (httpx.HTTPError, ValueError) as exc:
-                    problem = f"{type(exc).__name__}: {exc}"
-                load.outcomes.append(Outcome(started, load.now(), status, problem))
-
-        await asyncio.gather(*(client_loop(i) for i in range(concurrency)))
-
-
-def summarise(outcomes: Sequence[Outcome], *, max_samples: int = 5) -> dict[str, Any]:
+def summarise(answers: Sequence[Answer], *, origin: float, max_samples: int = 5) -> dict[str, Any]:
     """Throughput, latency percentiles of the successful requests, and the errors: counted by
-    kind (status or exception type) with the first distinct bodies."""
-    ok = [o for o in outcomes if o.ok]
-    failed = [o for o in outcomes if not o.ok]
-    seconds = (max(o.done for o in outcomes) - min(o.sent for o in outcomes)) if outcomes else 0.0
-    latencies = [o.latency_ms for o in ok]
+    kind (status or exception type) with the first distinct bodies; ``origin`` is the moment
+    (perf_counter) that the errors' times are given from."""
+    ok = [a for a in answers if a.ok]
+    failed = [a for a in answers if not a.ok]
+    seconds = (max(a.done for a in answers) - min(a.sent for a in answers)) if answers else 0.0
+    latencies = [a.latency_ms for a in ok]
     kinds: dict[str, int] = {}
     samples: list[str] = []
-    for outcome in failed:
-        kind = f"HTTP {outcome.status}" if outcome.status is not None else (outcome.problem or "").split(":")[0]
+    for answer in failed:
+        kind = f"HTTP {answer.status}" if answer.status is not None else (answer.problem or "").split(":")[0]
         kinds[kind] = kinds.get(kind, 0) + 1
-        if outcome.problem not in samples and len(samples) < max_samples:
-            samples.append(outcome.problem or "")
+        if answer.problem not in samples and len(samples) < max_samples:
+            samples.append(answer.problem or "")
     return {
-        "requests": len(outcomes), "ok": len(ok), "errors": len(failed), "errors_by_kind": kinds,
+        "requests": len(answers), "ok": len(ok), "errors": len(failed), "errors_by_kind": kinds,
         "error_samples": samples, "seconds": seconds,
-        "first_errors": [{"at_s": round(o.done, 3), "after_ms": round(o.latency_ms, 1), "problem": o.problem}
-                         for o in failed[:20]],
+        "first_errors": [{"at_s": round(a.done - origin, 3), "after_ms": round(a.latency_ms, 1), "problem": a.problem}
+                         for a in failed[:20]],
         "throughput": len(ok) / seconds if seconds else 0.0,
         "latency_ms": {**percentiles(latencies, (50, 95, 99)),
                        "max": max(latencies) if latencies else None,
@@ -203,7 +120,7 @@ class RssSampler:
         root = psutil.Process(self.pid)
         for process in [root, *root.children(recursive=True)]:
             with contextlib.suppress(psutil.Error):
-                label = "arbiter" if process.pid == self.pid else _process_label(process)
+                label = "arbiter" if process.pid == self.pid else process_label(process)
                 rss[label] = rss.get(label, 0.0) + process.memory_info().rss / MB
                 pids[label] = process.pid
         taken = MemorySample(time.perf_counter() - self._started, self.answered(), rss, pids)
@@ -265,7 +182,7 @@ def memory_report(samples: Sequence[MemorySample], ready: MemorySample, start: M
 
 async def soak(url: str, images: Sequence[ImageFile], sampler_pid: int, args: argparse.Namespace,
                progress: Callable[[str], None]) -> tuple[Load, list[MemorySample], dict[str, MemorySample]]:
-    load = Load()
+    load = Load(url, images, clients=args.concurrency, timeout=args.timeout)
     sampler = RssSampler(sampler_pid, lambda: load.answered, args.sample_seconds)
     marks = {"ready": sampler.sample()}
     warmed = asyncio.Event()
@@ -281,9 +198,9 @@ async def soak(url: str, images: Sequence[ImageFile], sampler_pid: int, args: ar
                 progress(f"warm-up done ({args.warmup_requests} requests); counting {args.requests}")
             if time.perf_counter() - last >= args.progress_seconds:
                 last = time.perf_counter()
-                counted = load.outcomes[args.warmup_requests:]
-                errors = sum(not o.ok for o in counted)
-                recent = [o for o in load.outcomes if o.done >= load.now() - args.progress_seconds]
+                counted = load.answers[args.warmup_requests:]
+                errors = sum(not a.ok for a in counted)
+                recent = [a for a in load.answers if a.done >= time.perf_counter() - args.progress_seconds]
                 memory = sampler.samples[-1].rss_mb if sampler.samples else {}
                 progress(f"{max(0, load.answered - args.warmup_requests)}/{args.requests} answered, "
                          f"{errors} errors, {len(recent) / args.progress_seconds:.1f} req/s now, "
@@ -291,8 +208,7 @@ async def soak(url: str, images: Sequence[ImageFile], sampler_pid: int, args: ar
 
     sampler.start()
     try:
-        await asyncio.gather(watch(), send_load(url, images, load, concurrency=args.concurrency, total=total,
-                                                timeout=args.timeout))
+        await asyncio.gather(watch(), load.run(total=total))
     finally:
         sampler.stop()
     marks["end"] = sampler.sample()
@@ -328,7 +244,8 @@ def print_report(result: dict[str, Any]) -> None:
         def mb(value: float | None) -> str:
             return f"{value:7.1f}" if value is not None else f"{'-':>7}"
 
-        growth = (row["end_mb"] - row["start_mb"]) if row["end_mb"] is not None and row["start_mb"] is not None else None
+        known = row["end_mb"] is not None and row["start_mb"] is not None
+        growth = (row["end_mb"] - row["start_mb"]) if known else None
         trend = row["trend_mb_per_1000"]
         restarted = "  (replaced during the run)" if len(row["pids"]) > 1 else ""
         print(f"{label:<27} {mb(row['ready_mb'])} {mb(row['start_mb'])} {mb(row['end_mb'])} {mb(row['max_mb'])} "
@@ -350,7 +267,7 @@ def write_plot(path: Path, samples: Sequence[MemorySample], marks: Mapping[str, 
     fig, ax = plt.subplots(figsize=(10, 4.5))
     for label in labels:
         points = [(s.answered, s.rss_mb[label]) for s in samples if label in s.rss_mb]
-        ax.plot(*zip(*points), label=label, linewidth=1.2)
+        ax.plot(*zip(*points, strict=True), label=label, linewidth=1.2)
     start = marks["start"].answered
     ax.axvline(start, color="grey", linestyle=":", linewidth=1)
     ax.axvline(start + (marks["end"].answered - start) / 2, color="grey", linestyle="--", linewidth=1)
@@ -406,13 +323,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         log_watch.stop()
         progress("stopping the server")
 
-    counted = load.outcomes[args.warmup_requests:]
-    result = {
+    counted = load.answers[args.warmup_requests:]
+    result: dict[str, Any] = {
         "config": {"requests": args.requests, "concurrency": args.concurrency,
                    "warmup_requests": args.warmup_requests, "service_env": args.service_env,
                    "sample_seconds": args.sample_seconds, "python": platform.python_version()},
         "images": describe_images(images),
-        "load": summarise(counted),
+        "load": summarise(counted, origin=load.started),
         "memory": memory_report(samples, marks["ready"], marks["start"], marks["end"]),
         "server_log": {"warnings_and_errors": log_watch.count, "samples": log_watch.samples},
     }

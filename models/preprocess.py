@@ -8,7 +8,7 @@ centre-crop eval transform bit for bit: training, evaluation and the export and 
 checks use it. :func:`decode_and_crop`, the serving path (the service, and the retrain job's
 embedding, so a head is fitted on the crops it will be served), makes the uint8 crop cheaply:
 large JPEGs decoded at reduced scale, only the crop window resampled, within a level of the
-exact crop on average (``tests/unit/test_preprocess.py``; measured: bench/README.md). The choice
+exact crop on average (``tests/models/test_preprocess.py``; measured: bench/README.md). The choice
 is the caller's, not a spec field: training must reproduce timm, serving may trade a fraction of
 a level for CPU. :func:`normalisation_table` is the one place mean, std and 255 turn levels into
 network input, looked up on the host (:func:`normalise_crops`) and inside the device graph

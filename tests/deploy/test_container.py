@@ -21,8 +21,9 @@ import httpx
 import pytest
 import yaml
 
-from tests.conftest import ROOT
-from tests.server import free_port, start_command, wait_until
+from tests.support.net import free_port
+from tests.support.paths import ROOT
+from tests.support.server import start_command, wait_until
 
 DOCKERFILE = ROOT / "Dockerfile"
 ENTRYPOINT = ROOT / "scripts" / "entrypoint.sh"

@@ -27,7 +27,8 @@ from store.maintenance import copy_home, prune_versions
 from store.settings import StoreSettings
 from store.shared import SharedBackend
 from store.state import State, open_state
-from tests.conftest import ROOT, tiny_spec, write_tiny_onnx
+from tests.support.models import tiny_spec, write_tiny_onnx
+from tests.support.paths import ROOT
 from tests.support.postgres import PostgresServer
 from tests.support.s3 import S3Server
 
@@ -278,7 +279,7 @@ def test_a_stopped_database_is_unavailable_writes_nothing_and_recovers(tmp_path:
     server = PostgresServer()
     try:
         (tmp_path / "shared").mkdir()
-        settings = StoreSettings(home=tmp_path / "a", database_url=server.url(),  # type: ignore[arg-type]
+        settings = StoreSettings(home=tmp_path / "a", database_url=server.url(),
                                  object_store=f"file://{tmp_path / 'shared'}")
         state = open_state(settings)
         state.labels.add(png(1), "ants", max_pixels=10**6)
@@ -302,7 +303,7 @@ def test_a_stopped_object_store_is_unavailable_and_no_row_is_left(postgres: Post
         for key, value in server.env().items():
             monkeypatch.setenv(key, value)
         server.create_bucket("objects-down")
-        settings = StoreSettings(home=tmp_path / "a", database_url=postgres.create_database("objects_down"),  # type: ignore[arg-type]
+        settings = StoreSettings(home=tmp_path / "a", database_url=postgres.create_database("objects_down"),
                                  object_store="s3://objects-down/p")
         state = open_state(settings)
         state.labels.add(png(1), "ants", max_pixels=10**6)
@@ -333,7 +334,7 @@ def test_settings_say_what_is_wrong_and_never_echo_the_password(env: dict[str, s
 
 
 def test_the_database_url_is_a_secret() -> None:
-    settings = StoreSettings(database_url="postgresql://user:hunter2secret@db.example:5432/ts?sslmode=require")  # type: ignore[arg-type]
+    settings = StoreSettings(database_url="postgresql://user:hunter2secret@db.example:5432/ts?sslmode=require")
     assert "hunter2secret" not in repr(settings) and "hunter2secret" not in str(settings.model_dump())
     assert settings.redacted_database_url() == "postgresql://user@db.example:5432/ts"
 

@@ -42,7 +42,8 @@ class PostgresServer:
     def start(self) -> None:
         options = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200"
         subprocess.run(_as_postgres(str(BIN / "pg_ctl"), "-D", str(self.data), "-o", options,
-                                    "-l", str(self.root / "log"), "-w", "start"), check=True, capture_output=True, cwd="/")
+                                    "-l", str(self.root / "log"), "-w", "start"),
+                       check=True, capture_output=True, cwd="/")
 
     def stop(self) -> None:
         subprocess.run(_as_postgres(str(BIN / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop"),

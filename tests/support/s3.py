@@ -10,12 +10,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 
 from tests.support.net import free_port
+from tests.support.polling import eventually
 
 #: the credentials moto accepts; what boto3 needs in the environment of every process that uses it
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
@@ -41,14 +41,18 @@ class S3Server:
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen([str(moto), "-H", "127.0.0.1", "-p", str(self.port)],
                                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
+
+        def answers() -> bool:
             try:
                 httpx.get(self.endpoint, timeout=1)
-                return
             except httpx.TransportError:
-                time.sleep(0.1)
-        raise RuntimeError(f"moto_server did not start: {self.log_path.read_text()[-2000:]}")
+                return False
+            return True
+
+        try:
+            eventually(answers, timeout=30, interval=0.1)
+        except TimeoutError:
+            raise RuntimeError(f"moto_server did not start: {self.log_path.read_text()[-2000:]}") from None
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
