@@ -30,7 +30,8 @@ from store.registry import ModelRegistry, ModelVersion
 from .backbones import DEFAULT_BACKBONE, Backbone, create_backbone, imagenet_labels
 from .data import LabelledImages, load_labelled, stratified_split
 from .export import export_onnx
-from .report import classification_metrics, write_report
+from .metrics import classification_metrics
+from .report import write_report
 
 log = logging.getLogger(__name__)
 
