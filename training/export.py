@@ -51,8 +51,9 @@ def export_onnx(model: nn.Module, path: Path, parity_inputs: np.ndarray) -> Pari
     wrapper = ClassifierWithEmbedding(model).eval()
     example = torch.from_numpy(np.ascontiguousarray(parity_inputs[:2], dtype=np.float32))
     with warnings.catch_warnings():
-        # The TorchScript exporter is deprecated in favour of dynamo, which is 10x slower here
-        # and writes external-data files; the classic exporter's output is what we verify.
+        # The TorchScript exporter is deprecated in favour of dynamo, whose export is slower and
+        # writes external-data files (bench/README.md, "Tried and not kept"); the classic
+        # exporter's output is what we verify.
         warnings.simplefilter("ignore")
         torch.onnx.export(
             wrapper,

@@ -68,8 +68,8 @@ def _seed_everything(seed: int) -> None:
 def onnx_embeddings(
     onnx_path: Path, inputs: np.ndarray, *, batch_size: int = 8, progress: bool = True
 ) -> np.ndarray:
-    """Embeddings of preprocessed images (N, 3, S, S) through an exported graph: onnxruntime is
-    several times faster than eager torch on a CPU, and it is the path the service uses."""
+    """Embeddings of preprocessed images (N, 3, S, S) through an exported graph, with
+    onnxruntime: the graph and the runtime the service and its retrain jobs use."""
     from tqdm import tqdm
 
     session = cpu_session(onnx_path)
