@@ -128,10 +128,11 @@ def begin(images_dir: Path) -> tuple[Progress, list[ImageFile]]:
 # -- state directory and servers --------------------------------------------------------------
 
 
-def bootstrap_home(home: Path, python: str = sys.executable) -> None:
-    """Register the pretrained ImageNet classifier in ``home`` (``python -m training bootstrap``)."""
+def bootstrap_home(home: Path, python: str = sys.executable, checkout: Path = ROOT) -> None:
+    """Register the pretrained ImageNet classifier in ``home`` (``python -m training bootstrap``,
+    with the code of ``checkout``)."""
     env = {**os.environ, "TRANSFER_SERVE_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True"}
-    done = subprocess.run([python, "-m", "training", "bootstrap"], cwd=ROOT, env=env,
+    done = subprocess.run([python, "-m", "training", "bootstrap"], cwd=checkout, env=env,
                           capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"`python -m training bootstrap` failed ({done.returncode}):\n"
@@ -157,11 +158,12 @@ def state_home(home: Path | None, progress: Callable[[str], None] = lambda _: No
 
 @contextlib.contextmanager
 def serving(target: str, home: Path, log_dir: Path, *, env: Mapping[str, str] | None = None,
-            ready_timeout: float = 180) -> Iterator[Server]:
+            ready_timeout: float = 180, checkout: Path = ROOT, log_name: str | None = None) -> Iterator[Server]:
     """A ready ``bentoml serve TARGET`` on a free 127.0.0.1 port, with a private BENTOML_HOME,
-    stopped with every process it started however the block ends (tests/support/server.py)."""
-    log_path = log_dir / f"{target.replace(':', '.').replace('/', '_')}.log"
-    with serving_server(home, log_path, env, target, timeout=ready_timeout) as server:
+    stopped with every process it started however the block ends (tests/support/server.py);
+    served from another ``checkout`` of the project, with its own .venv, if given."""
+    log_path = log_dir / (log_name or f"{target.replace(':', '.').replace('/', '_')}.log")
+    with serving_server(home, log_path, env, target, timeout=ready_timeout, checkout=checkout) as server:
         yield server
 
 

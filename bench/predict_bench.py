@@ -4,7 +4,7 @@ naive one-image-per-call service, measured one after another in the same run.
     .venv/bin/python -m bench.predict_bench --concurrency 32 --duration 20 --warmup 3 --rounds 2 \
         [--home DIR] [--images ../shared/data/hymenoptera/train] [--json OUT.json] [--plot OUT.png] \
         [--setups service,limit,naive,floor] [--images-per-request 1] \
-        [--service-env TRANSFER_SERVE_WORKERS=2 ...] [--log-dir DIR]
+        [--service-env TRANSFER_SERVE_WORKERS=2 ...] [--log-dir DIR] [--baseline ../old-checkout]
 
 Setups:
   service  ``bentoml serve service.service:TransferServe`` as shipped (plus any --service-env)
@@ -18,6 +18,9 @@ Setups:
   floor    ``bentoml serve bench.floor_service:Floor``: the same HTTP contract answered without
            decoding or inference: what receiving, parsing and answering a request costs. With the
            limit it gives the ceiling: the most any service with this contract could reach here
+  baseline with ``--baseline DIR``: the service of another checkout of this project (an earlier
+           commit, with its own .venv and its own bootstrapped state), measured in the same rounds
+           with the same load generator: the one fair way to tell whether a change cost throughput
 
 All setups are made ready first, then measured in turn ``--rounds`` times for
 ``--duration / --rounds`` seconds each (after ``--warmup`` uncounted seconds), and pooled, so a
@@ -64,6 +67,7 @@ from bench.common import (
     SystemCPU,
     add_service_arguments,
     begin,
+    bootstrap_home,
     check_service_arguments,
     describe_images,
     percentiles,
@@ -372,6 +376,8 @@ def _fmt(value: float | None, spec: str = ".0f") -> str:
 
 def ratios(results: Mapping[str, dict[str, Any]], concurrency: int) -> dict[str, Any]:
     out = {}
+    if "service" in results and "baseline" in results and results["baseline"]["throughput"]:
+        out["service/baseline"] = {"ratio": results["service"]["throughput"] / results["baseline"]["throughput"]}
     for other, target in TARGETS.items():
         ratio = None
         if "service" in results and other in results and results[other]["throughput"]:
@@ -474,9 +480,12 @@ def print_report(results: Mapping[str, dict[str, Any]], failures: Mapping[str, s
 
     print("\nthroughput ratios")
     for key, figure in summary["ratios"].items():
-        ratio, target = figure["ratio"], figure["target"]
+        ratio, target = figure["ratio"], figure.get("target")
+        if target is None:  # a comparison, not a target
+            print(f"  {key:<17}{_fmt(ratio, '.3f'):>6}")
+            continue
         verdict = "not measured" if ratio is None else ("met" if figure["met"] else "not met")
-        print(f"  {key:<15}{_fmt(ratio, '.2f'):>6}   target >= {target:g}   {verdict}")
+        print(f"  {key:<17}{_fmt(ratio, '.2f'):>6}   target >= {target:g}   {verdict}")
     top = summary.get("ceiling")
     if top is not None:
         reach = f"{top['of_limit']:.2f} x limit" + (f", {top['of_naive']:.2f} x naive" if "of_naive" in top else "")
@@ -544,6 +553,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="seconds per batch size in the limit's sweep (default 5)")
     add_service_arguments(parser)
     parser.add_argument("--setups", default=",".join(SETUPS), help="comma-separated subset of " + ",".join(SETUPS))
+    parser.add_argument("--baseline", type=Path, help="another checkout of this project, with its own .venv: its "
+                        "service is measured too, as the setup 'baseline' (e.g. a `git worktree` of the last release)")
     parser.add_argument("--json", type=Path, help="write every figure to this JSON file")
     parser.add_argument("--plot", type=Path, help="write a PNG chart (throughput, latency percentiles)")
     args = parser.parse_args(argv)
@@ -552,6 +563,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if unknown or not args.setups:
         parser.error(f"--setups takes a subset of {','.join(SETUPS)}; got {sorted(unknown) or 'nothing'}")
     check_service_arguments(parser, args)
+    if args.baseline is not None:
+        if not (args.baseline / ".venv/bin/bentoml").is_file() or not (args.baseline / "service").is_dir():
+            parser.error(f"--baseline {args.baseline} is not a checkout of this project with a .venv "
+                         "(run `bash scripts/test --collect-only -q` there once to create it)")
+        args.setups.append("baseline")
     if args.images_per_request < 1:
         parser.error("--images-per-request must be at least 1")
     if args.concurrency < 1 or args.duration <= 0 or args.warmup < 0 or args.sweep_seconds <= 0 or args.rounds < 1:
@@ -579,6 +595,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         targets = {"service": ("service.service:TransferServe", args.service_env),
                    "naive": ("bench.naive_service:Naive", provider_env),
                    "floor": ("bench.floor_service:Floor", {})}
+        if args.baseline is not None:
+            baseline = args.baseline.resolve()
+            baseline_home = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-baseline-")))
+            progress(f"baseline: bootstrapping with {baseline}'s own code ...")
+            bootstrap_home(baseline_home, python=str(baseline / ".venv/bin/python"), checkout=baseline)
 
         # Every setup is made ready first (servers started, limit's batch size chosen), then the
         # measurements alternate between them round after round, so that a change in what else
@@ -589,6 +610,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             try:
                 if name == "limit":
                     limit = prepare_limit(home, images, args, progress)
+                elif name == "baseline":
+                    progress(f"baseline: starting {baseline}'s service" + (f" with {args.service_env}"
+                                                                        if args.service_env else ""))
+                    servers[name] = stack.enter_context(serving(
+                        "service.service:TransferServe", baseline_home, log_dir, env=args.service_env,
+                        checkout=baseline, log_name="baseline.log"))
+                    progress(f"{name}: ready at {servers[name].url}")
                 else:
                     target, env = targets[name]
                     shown = " ".join(f"{k}={v}" for k, v in env.items())

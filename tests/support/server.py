@@ -75,31 +75,34 @@ class Server:
 
 
 def start_command(command: Sequence[str], port: int, log_path: Path,
-                  env: Mapping[str, str] | None = None) -> Server:
-    """Run ``command`` (anything that serves HTTP on ``port`` of 127.0.0.1) from the repository
-    root, in its own process group so that ``Server.stop`` ends it and all its children."""
+                  env: Mapping[str, str] | None = None, *, checkout: Path = ROOT) -> Server:
+    """Run ``command`` (anything that serves HTTP on ``port`` of 127.0.0.1) from the root of
+    ``checkout`` (this repository by default), in its own process group so that ``Server.stop``
+    ends it and all its children."""
     full_env = {**os.environ, "BENTOML_DO_NOT_TRACK": "True", **(env or {})}
     with log_path.open("wb") as log:  # the child keeps its own descriptor
         process = subprocess.Popen(
-            list(command), cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT,
+            list(command), cwd=checkout, env=full_env, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True,
         )
     return Server(f"http://127.0.0.1:{port}", process, log_path)
 
 
 def start_server(home: Path, log_path: Path, env: Mapping[str, str] | None = None,
-                 target: str = "service.service:TransferServe") -> Server:
+                 target: str = "service.service:TransferServe", *, checkout: Path = ROOT) -> Server:
     """``bentoml serve TARGET`` on a free port. Each server gets a private ``BENTOML_HOME``
     unless ``env`` names one: ``bentoml serve`` wipes ``$BENTOML_HOME/prometheus_multiproc_dir``
-    when it starts, so servers sharing one would reset each other's ``/metrics``."""
+    when it starts, so servers sharing one would reset each other's ``/metrics``. Another
+    ``checkout`` of the project is served with its own ``.venv`` (a benchmark's baseline)."""
     port = free_port()
-    bentoml = Path(sys.executable).with_name("bentoml")
+    bentoml = Path(sys.executable).with_name("bentoml") if checkout == ROOT else checkout / ".venv/bin/bentoml"
     private = None if env and "BENTOML_HOME" in env else Path(tempfile.mkdtemp(prefix="bentoml-home-"))
     server = start_command(
         # the keep-alive timeout scripts/serve and the container use (not uvicorn's racy 5 s)
         [str(bentoml), "serve", target, "--host", "127.0.0.1", "--port", str(port), "--timeout-keep-alive", "75"],
         port, log_path,
         {"TRANSFER_SERVE_HOME": str(home), **({"BENTOML_HOME": str(private)} if private else {}), **(env or {})},
+        checkout=checkout,
     )
     server.bentoml_home = private
     return server
@@ -107,9 +110,10 @@ def start_server(home: Path, log_path: Path, env: Mapping[str, str] | None = Non
 
 @contextlib.contextmanager
 def serving(home: Path, log_path: Path, env: Mapping[str, str] | None = None,
-            target: str = "service.service:TransferServe", timeout: float = 180) -> Iterator[Server]:
+            target: str = "service.service:TransferServe", timeout: float = 180, *,
+            checkout: Path = ROOT) -> Iterator[Server]:
     """A ready server (``/readyz`` 200) for the block; stopped however the block ends."""
-    server = start_server(home, log_path, env, target)
+    server = start_server(home, log_path, env, target, checkout=checkout)
     try:
         wait_until(server, timeout=timeout)
         yield server
