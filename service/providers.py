@@ -85,7 +85,12 @@ def session_providers(settings: Settings) -> ProviderList:
     available = ort.get_available_providers()
     gpus = cuda_device_count() if CUDA in available else 0
     chosen = select_providers(settings, available, gpus)
+    if settings.providers == "auto" and chosen[0][0] == CPU and CUDA in available:
+        # the GPU image on a node without a GPU (or without the NVIDIA runtime): say where it runs
+        log.info("no usable GPU (this onnxruntime has the CUDA provider, the driver reports no device): "
+                 "serving on the CPU")
     if chosen[0][0] != CPU and hasattr(ort, "preload_dlls"):
-        # Load CUDA/cuDNN from the nvidia-* wheels torch installs, so no system CUDA is needed.
+        # Load CUDA/cuDNN from the nvidia-* wheels (onnxruntime-gpu[cuda,cudnn], or torch's), so
+        # no system CUDA is needed.
         ort.preload_dlls()
     return chosen

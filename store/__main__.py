@@ -2,9 +2,12 @@
 
     python -m store copy --from /data [--dry-run] [--json]     # a single-machine home -> the shared deployment
     python -m store prune --keep 5 [--dry-run] [--json]        # old model versions, either backend
+    python -m store seed --from /opt/seed                      # the first version, if the state has none
 
 ``copy`` writes to the database and object store that ``TRANSFER_SERVE_DATABASE_URL`` and
-``TRANSFER_SERVE_OBJECT_STORE`` name; ``prune`` works on whichever state the environment names.
+``TRANSFER_SERVE_OBJECT_STORE`` name; ``prune`` and ``seed`` work on whichever state the
+environment names. ``seed`` is how the serving images, which carry no torch, start on an empty
+volume (scripts/entrypoint.sh).
 Results go to stdout (one JSON object with ``--json``), logs to stderr. Exit status: 0 success,
 2 bad input, 1 anything else.
 """
@@ -19,7 +22,7 @@ from pathlib import Path
 
 from models.errors import TransferServeError
 
-from .maintenance import copy_home, prune_versions
+from .maintenance import copy_home, prune_versions, seed_registry
 from .settings import StoreSettings
 from .state import open_state
 
@@ -37,6 +40,9 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--keep", required=True, type=int, help="how many of the newest versions to keep")
     prune.add_argument("--dry-run", action="store_true", help="say what would be deleted; delete nothing")
     prune.add_argument("--json", action="store_true")
+    seed = sub.add_parser("seed", help="register the active version of a single-machine home (the image's "
+                                       "built-in model) if the state has no version yet")
+    seed.add_argument("--from", dest="source", required=True, type=Path, help="the home to take the version from")
     return parser
 
 
@@ -65,6 +71,12 @@ def run(args: argparse.Namespace) -> int:
         else:
             print(f"{'would delete' if args.dry_run else 'deleted'} {len(deleted)} version(s): "
                   f"{', '.join(deleted) or 'none'}")
+    elif args.command == "seed":
+        if not (args.source / "versions").is_dir():
+            print(f"error: {args.source} holds no model versions (no versions/)", file=sys.stderr)
+            return 2
+        version = seed_registry(args.source.resolve(), open_state(settings).registry)
+        print(f"seeded the state with {version.version}" if version else "the state has a model version already")
     return 0
 
 

@@ -1,6 +1,6 @@
 """Operators' state maintenance, for ``python -m store`` (torch-free: it runs in the serving
 image): copying a single-machine ``TRANSFER_SERVE_HOME`` into a shared database and object store,
-and pruning old model versions.
+pruning old model versions, and seeding an empty state with the model an image was built with.
 
 The copy is idempotent: what the target already holds is skipped (a version under the same number
 with other files stops it, rather than being overwritten), so it can be run again after an
@@ -16,9 +16,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from models.errors import ModelError
+
 from .local import LocalBackend
 from .local.database import database_path
-from .registry import ModelRegistry
+from .local.registry import DirectoryRegistry
+from .registry import ModelRegistry, ModelVersion
 from .shared import SharedBackend
 from .state import State
 
@@ -161,3 +164,25 @@ def prune_versions(registry: ModelRegistry, keep: int, *, dry_run: bool = False)
         for name in doomed:
             registry.delete(name)
     return doomed
+
+
+def seed_registry(seed_home: Path, registry: ModelRegistry) -> ModelVersion | None:
+    """Register the active version of the state in ``seed_home`` (the serving images' model, made
+    when the image was built) as the first version, unless ``registry`` already has one. Returns
+    the new version, or None if nothing was needed. The seed must be a single-machine home."""
+    if registry.versions():
+        return None
+    seed = DirectoryRegistry(seed_home).active()  # files only: the image's copy is read-only
+    if seed is None:
+        raise ModelError(f"{seed_home} holds no active model version to seed the state with")
+    seed.verify()
+    embeddings, targets = seed.training_embeddings()
+    version = registry.register(
+        onnx_file=seed.onnx_path, spec=seed.spec, metrics=seed.metrics, embeddings=embeddings,
+        embedding_targets=targets, embedding_hashes=seed.training_hashes(), parent=None,
+        dataset_fingerprint=seed.info.get("dataset_fingerprint"),
+        details={**seed.info.get("details", {}), "seeded_from": f"{seed_home} ({seed.version})"},
+        report_dir=seed.report_dir if seed.report_dir.is_dir() else None,
+    )
+    log.info("seeded the empty state with %s from %s", version.version, seed_home)
+    return version

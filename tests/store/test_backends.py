@@ -23,11 +23,11 @@ from models.errors import ModelError, VersionNotFoundError
 from store.errors import StoreUnavailable
 from store.jobs import JobConflict
 from store.labels import check_image
-from store.maintenance import copy_home, prune_versions
+from store.maintenance import copy_home, prune_versions, seed_registry
 from store.settings import StoreSettings
 from store.shared import SharedBackend
 from store.state import State, open_state
-from tests.support.models import tiny_spec, write_tiny_onnx
+from tests.support.models import registry_with, tiny_spec, write_tiny_onnx
 from tests.support.paths import ROOT
 from tests.support.postgres import PostgresServer
 from tests.support.s3 import S3Server
@@ -261,6 +261,32 @@ def test_prune_keeps_the_active_version_its_history_and_the_newest(deployment: d
     assert register(state, tmp_path, 9) == "v6"  # numbers are never reused
     with pytest.raises(ModelError, match="active"):
         state.registry.delete("v2")
+
+
+@parametrized
+def test_an_empty_state_is_seeded_with_the_images_model_once(deployment: dict[str, object], tmp_path: Path) -> None:
+    seed_registry_ = registry_with(tmp_path / "seed", 2)
+    seed_registry_.activate("v2")
+    seed_home = tmp_path / "seed" / "home"
+    state = replica(deployment, tmp_path, "a")
+    seeded = seed_registry(seed_home, state.registry)
+    assert seeded is not None and seeded.version == "v1"
+    assert state.registry.active_version() == "v1"
+    original = seed_registry_.get("v2")
+    assert seeded.onnx_path.read_bytes() == original.onnx_path.read_bytes()
+    assert seeded.spec == original.spec and seeded.metrics == original.metrics
+    assert np.array_equal(seeded.training_embeddings()[0], original.training_embeddings()[0])
+    assert seeded.info["details"]["seeded_from"].endswith("(v2)")
+    assert seed_registry(seed_home, state.registry) is None  # a state with a version is left alone
+    assert [v.version for v in state.registry.versions()] == ["v1"]
+
+
+def test_seeding_from_a_home_without_an_active_version_says_so(tmp_path: Path) -> None:
+    empty_seed = tmp_path / "seed"
+    open_state(home=empty_seed)  # an empty single-machine home: a database, no version
+    with pytest.raises(ModelError, match="no active model version"):
+        seed_registry(empty_seed, open_state(home=tmp_path / "target").registry)
+    assert open_state(home=tmp_path / "target").registry.versions() == []
 
 
 @parametrized
