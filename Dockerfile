@@ -58,16 +58,15 @@ RUN python3 -m compileall -q models store service
 
 # ---- the serving environments (the CPU one checked for CUDA libraries and torch; BentoML's
 # nvidia-ml-py is a pure-Python binding that loads the driver's library only where there is one).
-# The wheelhouse is bind-mounted, never copied into a layer; when
-# it holds wheels, pip installs from it alone (air-gapped builds), else from the package index.
+# The wheelhouse is bind-mounted, never copied into a layer; when it holds wheels, pip installs
+# from it alone (air-gapped builds), else from the package index (scripts/pip-install).
 FROM system AS cpu-venv
 ARG ONNXRUNTIME_VERSION
 RUN --mount=type=bind,source=wheelhouse,target=/wheelhouse \
     --mount=type=bind,from=requirements,source=/requirements,target=/requirements \
-    if ls /wheelhouse/*.whl > /dev/null 2>&1; then export PIP_NO_INDEX=1 PIP_FIND_LINKS=/wheelhouse; fi \
-    && python3 -m venv /opt/venv \
-    && pip install --no-cache-dir --disable-pip-version-check \
-        "onnxruntime==${ONNXRUNTIME_VERSION}" -r /requirements/serving.txt \
+    --mount=type=bind,source=scripts/pip-install,target=/usr/local/bin/pip-install \
+    python3 -m venv /opt/venv \
+    && pip-install "onnxruntime==${ONNXRUNTIME_VERSION}" -r /requirements/serving.txt \
     && python -c "import sys, importlib.metadata as md; bad = sorted(n for n in (d.metadata['Name'].lower() for d in md.distributions()) if (n.startswith('nvidia-') and n != 'nvidia-ml-py') or n in ('torch', 'torchvision', 'timm', 'onnxruntime-gpu')); sys.exit('not for the CPU serving image: %s' % bad if bad else 0)"
 
 # CUDA 13 and cuDNN 9 come from the nvidia-* wheels: onnxruntime-gpu's [cuda,cudnn] extras, plus
@@ -77,10 +76,10 @@ FROM system AS gpu-venv
 ARG ONNXRUNTIME_VERSION
 RUN --mount=type=bind,source=wheelhouse,target=/wheelhouse \
     --mount=type=bind,from=requirements,source=/requirements,target=/requirements \
-    if ls /wheelhouse/*.whl > /dev/null 2>&1; then export PIP_NO_INDEX=1 PIP_FIND_LINKS=/wheelhouse; fi \
-    && python3 -m venv /opt/venv \
-    && pip install --no-cache-dir --disable-pip-version-check \
-        "onnxruntime-gpu[cuda,cudnn]==${ONNXRUNTIME_VERSION}" "nvidia-cublas>=13,<14" -r /requirements/serving.txt \
+    --mount=type=bind,source=scripts/pip-install,target=/usr/local/bin/pip-install \
+    python3 -m venv /opt/venv \
+    && pip-install "onnxruntime-gpu[cuda,cudnn]==${ONNXRUNTIME_VERSION}" "nvidia-cublas>=13,<14" \
+        -r /requirements/serving.txt \
     && python -c "import sys, onnxruntime as ort; sys.exit(0 if 'CUDAExecutionProvider' in ort.get_available_providers() else 'this onnxruntime has no CUDA provider')"
 
 # ---- the CPU serving environment: the layers the `cpu` image and the trainer share
@@ -97,9 +96,8 @@ ARG TORCH_VERSION
 ARG TORCHVISION_VERSION
 RUN --mount=type=bind,source=wheelhouse,target=/wheelhouse \
     --mount=type=bind,from=requirements,source=/requirements,target=/requirements \
-    if ls /wheelhouse/*.whl > /dev/null 2>&1; then export PIP_NO_INDEX=1 PIP_FIND_LINKS=/wheelhouse; fi \
-    && pip install --no-cache-dir --disable-pip-version-check \
-        "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}" -r /requirements/train.txt
+    --mount=type=bind,source=scripts/pip-install,target=/usr/local/bin/pip-install \
+    pip-install "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}" -r /requirements/train.txt
 COPY --from=serving-code /app /app
 WORKDIR /app
 COPY training/ training/
