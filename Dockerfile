@@ -33,7 +33,8 @@ RUN mkdir /requirements \
     && python3 scripts/requirements.py train > /requirements/train.txt
 
 # ---- what every image has: tini as PID 1 (forwards SIGTERM, reaps retrain-job processes), the
-# app user, and /data created before VOLUME so that a new named volume starts owned by that user
+# app user, /data created before VOLUME so that a new named volume starts owned by that user, and
+# the serving images' way of running (port, health check, entry point; the trainer replaces them)
 FROM ${PYTHON_IMAGE} AS system
 RUN if ! command -v tini > /dev/null; then \
         apt-get update && apt-get install -y --no-install-recommends tini && rm -rf /var/lib/apt/lists/*; \
@@ -45,6 +46,14 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     BENTOML_DO_NOT_TRACK=True \
     TRANSFER_SERVE_HOME=/data
+# what `docker image prune --filter label=...` picks this project's superseded images by
+LABEL org.opencontainers.image.title=transfer-serve
+VOLUME /data
+EXPOSE 3000
+# ready = a model version is loaded and warmed up
+HEALTHCHECK --interval=10s --timeout=5s --start-period=120s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/readyz' % os.environ.get('PORT', '3000'), timeout=4)"]
+ENTRYPOINT ["tini", "--", "/app/scripts/entrypoint.sh"]
 
 # ---- the code the serving images run, compiled now: the app user cannot write bytecode next to
 # the root-owned sources
@@ -103,7 +112,7 @@ WORKDIR /app
 COPY training/ training/
 RUN python -m compileall -q training
 USER 10001:10001
-VOLUME /data
+HEALTHCHECK NONE
 ENTRYPOINT ["tini", "--"]
 CMD ["python", "-m", "training", "--help"]
 
@@ -121,12 +130,6 @@ COPY --from=serving-code /app /app
 COPY --from=seed /tmp/seed /opt/seed
 WORKDIR /app
 USER 10001:10001
-VOLUME /data
-EXPOSE 3000
-# ready = a model version is loaded and warmed up
-HEALTHCHECK --interval=10s --timeout=5s --start-period=120s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/readyz' % os.environ.get('PORT', '3000'), timeout=4)"]
-ENTRYPOINT ["tini", "--", "/app/scripts/entrypoint.sh"]
 
 # ---- serving, GPU (CPU where the driver reports no GPU, and it says so in its log)
 FROM system AS gpu
@@ -142,8 +145,3 @@ WORKDIR /app
 ENV NVIDIA_VISIBLE_DEVICES=all \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility
 USER 10001:10001
-VOLUME /data
-EXPOSE 3000
-HEALTHCHECK --interval=10s --timeout=5s --start-period=120s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/readyz' % os.environ.get('PORT', '3000'), timeout=4)"]
-ENTRYPOINT ["tini", "--", "/app/scripts/entrypoint.sh"]

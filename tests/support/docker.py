@@ -28,6 +28,8 @@ from tests.support.polling import eventually
 #: the stages a target needs); the `docker` some machines have first on PATH has no buildx
 DOCKER = "/usr/bin/docker"
 BASE_IMAGE = os.environ.get("TRANSFER_SERVE_BASE_IMAGE", "transfer-serve-base:bookworm")
+#: the label every image of the Dockerfile carries
+PROJECT_LABEL = "org.opencontainers.image.title=transfer-serve"
 #: the tags the tests build (and the compose file and manifests name)
 IMAGES = {"cpu": "transfer-serve:cpu", "gpu": "transfer-serve:gpu", "trainer": "transfer-serve:trainer"}
 #: the app user of every image (Dockerfile)
@@ -62,8 +64,9 @@ class BuiltImages:
 
 
 def build_images(targets: Sequence[str]) -> BuiltImages:
-    """Builds the targets from the working tree, on the base image made from Debian packages;
-    BuildKit's cache makes a rebuild of unchanged code take seconds."""
+    """Builds the targets from the working tree, on the base image made from Debian packages, and
+    removes this project's untagged images; BuildKit's cache makes a rebuild of unchanged code
+    take seconds."""
     require_engine()
     seconds = {}
     for target in targets:
@@ -71,6 +74,8 @@ def build_images(targets: Sequence[str]) -> BuiltImages:
         docker("build", "--build-arg", f"PYTHON_IMAGE={BASE_IMAGE}", "--target", target, "-t", IMAGES[target],
                str(ROOT), timeout=1800, env={"DOCKER_BUILDKIT": "1"})
         seconds[target] = time.monotonic() - started
+    # the images these tags held before: a rebuilt trainer leaves gigabytes behind otherwise
+    docker("image", "prune", "--force", "--filter", f"label={PROJECT_LABEL}")
     return BuiltImages({t: IMAGES[t] for t in targets}, seconds)
 
 
