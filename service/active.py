@@ -66,7 +66,8 @@ class ActiveVersion:
                                           "the last good version: retry shortly")
             return
         if pointer is None:
-            self._current = ApiError(503, "no model version is active yet: run `python -m training bootstrap`")
+            self._current = ApiError(503, "no model version is active yet: run `python -m training bootstrap` "
+                                          "(in the trainer image, on the same state)")
             return
         current = self._current
         if isinstance(current, tuple) and current[0] == pointer.version:

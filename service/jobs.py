@@ -30,7 +30,8 @@ def retrainable_parent(registry: ModelRegistry, labels: LabelStore) -> ModelVers
     :class:`~models.retrain.RetrainRefused` with the reason."""
     parent = registry.active()
     if parent is None:
-        raise RetrainRefused("no active model version to retrain from: run `python -m training bootstrap`")
+        raise RetrainRefused("no active model version to retrain from: run `python -m training bootstrap` "
+                             "(in the trainer image, on the same state)")
     _, targets = parent.training_embeddings()
     check_retrainable(labels.counts(), parent.spec.labels, targets)
     return parent

@@ -198,8 +198,9 @@ class ModelRuntime:
         except Exception as exc:  # noqa: BLE001 - the watcher retries: not ready until it loads one
             log.warning("cannot load the active model version yet (%s); retrying", exc)
         if self._loaded is None and self._failed_pointer is None:
-            log.warning("no model version is loaded from %s yet; run `python -m training bootstrap` if none is "
-                        "active. Not ready until one is.", self.settings.home)
+            log.warning("no model version is loaded from %s yet; run `python -m training bootstrap` (in the "
+                        "trainer image, on the same state) if none is active. Not ready until one is.",
+                        self.settings.home)
         self._watcher = threading.Thread(target=self._watch, name="model-watcher", daemon=True)
         self._watcher.start()
 
