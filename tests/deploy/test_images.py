@@ -11,7 +11,6 @@ import os
 import re
 import shutil
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -156,13 +155,10 @@ class TestServingContainer:
         with serving.client(headers=AUTH) as http:
             before = (http.get("/admin/models").json()["active"], http.get("/admin/labels").json()["counts"],
                       http.get(f"/admin/jobs/{journal['job']}").json())
-        started = time.monotonic()
         docker("stop", "-t", "30", serving.name, timeout=60)
-        stopped_after = time.monotonic() - started
         state = serving.inspect()["State"]
-        # 137 would be the SIGKILL Docker sends when the grace period runs out
+        # within the grace period: Docker's SIGKILL when it runs out would make the exit code 137
         assert (state["ExitCode"], state["OOMKilled"]) == (0, False), (state, serving.logs()[-3000:])
-        assert stopped_after < 30, serving.logs()[-3000:]
         docker("start", serving.name)
         serving.wait_healthy()
         with serving.client(headers=AUTH) as http:

@@ -10,11 +10,10 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -57,7 +56,6 @@ def require_engine() -> None:
 @dataclass
 class BuiltImages:
     tags: dict[str, str]
-    seconds: dict[str, float]  # build time of each target, in this run
 
     def size_bytes(self, target: str) -> int:
         return int(json.loads(docker("image", "inspect", self.tags[target]).stdout)[0]["Size"])
@@ -68,15 +66,12 @@ def build_images(targets: Sequence[str]) -> BuiltImages:
     removes this project's untagged images; BuildKit's cache makes a rebuild of unchanged code
     take seconds."""
     require_engine()
-    seconds = {}
     for target in targets:
-        started = time.monotonic()
         docker("build", "--build-arg", f"PYTHON_IMAGE={BASE_IMAGE}", "--target", target, "-t", IMAGES[target],
                str(ROOT), timeout=1800, env={"DOCKER_BUILDKIT": "1"})
-        seconds[target] = time.monotonic() - started
     # the images these tags held before: a rebuilt trainer leaves gigabytes behind otherwise
     docker("image", "prune", "--force", "--filter", f"label={PROJECT_LABEL}")
-    return BuiltImages({t: IMAGES[t] for t in targets}, seconds)
+    return BuiltImages({t: IMAGES[t] for t in targets})
 
 
 def unique(prefix: str) -> str:
@@ -89,7 +84,6 @@ class Container:
 
     name: str
     port: int | None
-    run_args: list[str] = field(default_factory=list)
 
     @property
     def url(self) -> str:
@@ -134,7 +128,7 @@ def running(image: str, *args: str, name: str | None = None, publish: bool = Tru
             command: Sequence[str] = ()) -> Iterator[Container]:
     """``docker run -d`` of ``image`` with ``args`` (options before the image) and ``command``;
     the container is removed afterwards."""
-    container = Container(name or unique("transfer-serve-test"), free_port() if publish else None, list(args))
+    container = Container(name or unique("transfer-serve-test"), free_port() if publish else None)
     ports = ["-p", f"127.0.0.1:{container.port}:3000"] if publish else []
     docker("run", "-d", "--name", container.name, *ports, *args, image, *command)
     try:
