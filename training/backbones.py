@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -52,6 +53,20 @@ class Backbone:
     def reset_head(self, num_classes: int) -> None:
         """Replace the classifier with a new, untrained linear layer."""
         self.model.reset_classifier(num_classes)
+
+    def head(self) -> tuple[np.ndarray, np.ndarray]:
+        """The classifier's weight (C, D) and bias (C,), copied."""
+        classifier = self.model.get_classifier()
+        return classifier.weight.detach().numpy().copy(), classifier.bias.detach().numpy().copy()
+
+    def set_head(self, weight: np.ndarray, bias: np.ndarray) -> None:
+        """Give the classifier these weights (C, D) and bias (C,), as many classes as they have."""
+        if self.model.get_classifier().weight.shape != weight.shape:
+            self.reset_head(int(weight.shape[0]))
+        classifier = self.model.get_classifier()
+        with torch.no_grad():
+            classifier.weight.copy_(torch.from_numpy(np.ascontiguousarray(weight, dtype=np.float32)))
+            classifier.bias.copy_(torch.from_numpy(np.ascontiguousarray(bias, dtype=np.float32)))
 
     def fingerprint(self) -> str:
         """sha256 over the backbone's weights (classifier excluded): two models produce the

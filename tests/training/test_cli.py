@@ -53,6 +53,7 @@ def test_head_fit_registers_an_accurate_verified_version(fitted) -> None:
     details = version.info["details"]
     assert details["skipped_files"] == 1 and "broken.jpg" in details["skipped"][0]
     assert details["onnx_parity"]["max_logit_diff"] < 1e-4
+    assert details["onnx_parity"]["exporter"] == "dynamo"  # the fast graph: the head written into it
     embeddings, targets = version.training_embeddings()
     assert embeddings.shape == (80, 1280) and sorted(set(targets.tolist())) == [0, 1]
     assert len(set(version.training_hashes())) == 80  # content hashes: GET /admin/labels uses them
@@ -118,6 +119,7 @@ def test_finetune_strategy_completes(hymenoptera: Path, tmp_path: Path, capsys) 
     version = open_state(home=home).registry.get(result["version"])
     assert version.info["details"]["strategy"] == "finetune"
     assert version.info["details"]["epochs"] == 1
+    assert version.info["details"]["onnx_parity"]["exporter"] == "dynamo"
     report = json.loads((version.report_dir / "report.json").read_text())
     assert [row["epoch"] for row in report["history"]] == [1.0]
 

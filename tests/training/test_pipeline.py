@@ -35,6 +35,8 @@ def test_bootstrap_registers_the_imagenet_classifier(bootstrapped_home: Path) ->
     assert version.spec.preprocess.interpolation == "bicubic"
     assert version.spec.embedding_size == 1280
     assert version.info["details"]["onnx_parity"]["max_logit_diff"] < 1e-4
+    assert version.info["details"]["onnx_parity"]["exporter"] == "dynamo"
+    assert version.summary()["exporter"] == "dynamo"
     version.verify()
 
 
