@@ -12,6 +12,7 @@ request, unknown routes included, before any route runs.
 # No `from __future__ import annotations`: FastAPI reads the routes' annotations at run time, and
 # some refer to fields built from the settings inside create_admin_app.
 import asyncio
+import functools
 import hmac
 import logging
 from enum import Enum
@@ -35,6 +36,8 @@ from store.state import State
 from .errors import GUARDED, ApiError, Error, Send, api_error, documented, routing_error, send_error
 from .jobs import launch, retrainable_parent
 from .limits import display_name
+from .providers import serves_on_cpu
+from .runtime import served_variant
 from .schemas import (
     Activated,
     LabelDeleted,
@@ -342,6 +345,9 @@ def create_admin_app(settings: Settings, state: State) -> FastAPI:
     async def list_models() -> ModelList:
         return await asyncio.to_thread(_model_list)
 
+    # asked once, in the listing's thread: it imports onnxruntime, which only the listing needs here
+    on_cpu = functools.cache(lambda: serves_on_cpu(settings))
+
     def _model_list() -> ModelList:
         try:
             pointer = state.registry.active_pointer()
@@ -356,10 +362,13 @@ def create_admin_app(settings: Settings, state: State) -> FastAPI:
             except ModelError as exc:  # a damaged version is listed, with what is wrong with it
                 versions.append(ModelSummary(version=version.version, active=version.version == active, error=str(exc)))
                 continue
+            has_int8 = version.has_int8()
             versions.append(ModelSummary(
                 version=version.version, active=version.version == active, created_at=summary["created_at"],
                 labels=summary["labels"], metrics=summary["metrics"], parent=summary["parent"],
-                strategy=summary["strategy"]))
+                strategy=summary["strategy"], exporter=summary["exporter"],
+                variants=["fp32", "int8"] if has_int8 else ["fp32"],
+                serves=served_variant(settings.model_variant, has_int8, on_cpu())))
         try:
             replicas = [Replica(id=r.id, version=r.version, variant=r.variant, last_seen=r.last_seen)
                         for r in state.registry.replicas()]

@@ -78,6 +78,15 @@ def select_providers(settings: Settings, available: list[str], gpus: int) -> Pro
     return chosen
 
 
+def serves_on_cpu(settings: Settings) -> bool:
+    """Whether sessions on this host run on the CPU provider (without loading any CUDA library)."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    gpus = cuda_device_count() if CUDA in available else 0
+    return select_providers(settings, available, gpus)[0][0] == CPU
+
+
 def session_providers(settings: Settings) -> ProviderList:
     """Providers for this host: asks onnxruntime and the CUDA driver."""
     import onnxruntime as ort

@@ -5,7 +5,8 @@ computed with it (batched, cached by content hash + backbone fingerprint), then
 :func:`models.retrain.retrain_head` fits and judges the new head, and the new version is the same
 graph with the new head written in. It goes live only if the promotion gate lets it (or ``force``
 is set); a refused version is kept, inactive, with its metrics. A parent with an INT8 variant
-passes it on, with the new head, if it passes the INT8 gate (:mod:`models.int8`).
+passes it on, with the new head, if it passes the INT8 gate (:mod:`models.int8`); on a CPU host
+that serves INT8 where it can, a parent without one has the new version calibrated instead.
 """
 
 from __future__ import annotations
@@ -26,18 +27,20 @@ from typing import Any, Literal
 import numpy as np
 
 from models.extract import extract
-from models.int8 import check_int8
-from models.onnx_io import read_head, replace_head, verify_head
+from models.int8 import MAX_CALIBRATION_IMAGES, check_int8, quantize_onnx
+from models.onnx_io import check_onnx_contract, read_head, replace_head, verify_head
 from models.preprocess import decode_image, preprocess_image
 from models.retrain import HeadRetrain, ParentModel, RetrainParams, retrain_head
+from models.spec import PreprocessConfig
 from store.embeddings import EmbeddingCache
 from store.errors import storage_failure
 from store.jobs import JobStore, scratch_prefix
 from store.labels import LabelStore
-from store.registry import INT8_ONNX_FILENAME, INT8_REPORT_FILENAME, ModelRegistry, ModelVersion
+from store.registry import INT8_ONNX_FILENAME, INT8_REPORT_FILENAME, ModelRegistry, ModelVersion, graph_exporter
 from store.state import State, open_state
 
 from .jobs import retrainable_parent
+from .providers import serves_on_cpu
 
 log = logging.getLogger(__name__)
 EMBED_BATCH = 16
@@ -79,24 +82,45 @@ def embed_missing(parent: ModelVersion, labels: LabelStore, cache: EmbeddingCach
 
 
 def add_int8_variant(registry: ModelRegistry, parent: ModelVersion, version: ModelVersion, result: HeadRetrain,
-                     inputs: np.ndarray, targets: np.ndarray | None, workdir: Path, threads: int) -> dict[str, Any]:
-    """Give the new version the parent's INT8 graph with the new head, if it passes the INT8 gate
-    on ``inputs`` (the held-out images; without labels, its agreement with fp32). The backbone,
-    and so its calibration, is the parent's; the head is float in both."""
+                     check: tuple[np.ndarray, np.ndarray | None], calibration: np.ndarray | None, workdir: Path,
+                     threads: int) -> dict[str, Any]:
+    """Give the new version an INT8 variant if it passes the INT8 gate on ``check`` (the held-out
+    images and their targets; without targets, its agreement with fp32): the parent's INT8 graph
+    with the new head when the parent has one (its backbone, and so its calibration, is the
+    parent's; the head is float in both), else the new graph quantised on ``calibration``."""
     path = workdir / INT8_ONNX_FILENAME
-    replace_head(parent.int8_onnx_path, path, result.head.weight, result.head.bias)
+    if parent.has_int8():
+        replace_head(parent.int8_onnx_path, path, result.head.weight, result.head.bias)
+        origin: dict[str, Any] = {"from": parent.version}
+    elif calibration is not None:
+        quantize_onnx(version.onnx_path, path, calibration)
+        origin = {"from": None, "calibration_images": len(calibration)}
+    else:
+        raise ValueError("a parent without an INT8 variant needs calibration images")
+    inputs, targets = check
+    check_onnx_contract(path, version.spec)
     verify_head(path, result.head.weight, result.head.bias, inputs[:4])
-    check = check_int8(version.onnx_path, path, inputs, targets, threads=threads)
-    figures = {"from": parent.version, **check.as_dict(), "added": check.passed}
-    if not check.passed:
-        log.warning("version %s gets no INT8 variant: with its head, %s's INT8 backbone scores %.4f against "
-                    "fp32's %.4f on %d held-out images", version.version, parent.version,
-                    check.int8_accuracy, check.fp32_accuracy, len(inputs))
+    figures = {**origin, **check_int8(version.onnx_path, path, inputs, targets, threads=threads).as_dict()}
+    figures["added"] = figures["passed"]
+    if not figures["passed"]:
+        log.warning("version %s gets no INT8 variant (it is registered and served in fp32): its INT8 graph scores "
+                    "%.4f against fp32's %.4f on %d held-out images, more than %.1f points lower",
+                    version.version, figures["int8_accuracy"], figures["fp32_accuracy"], len(inputs),
+                    100 * figures["max_accuracy_loss"])
         return figures
     report = workdir / INT8_REPORT_FILENAME
     report.write_text(json.dumps(figures, indent=2))
     registry.add_files(version.version, {INT8_ONNX_FILENAME: path, INT8_REPORT_FILENAME: report})
     return figures
+
+
+def calibration_images(labels: LabelStore, result: HeadRetrain, config: PreprocessConfig) -> np.ndarray:
+    """At most :data:`MAX_CALIBRATION_IMAGES` of the images the new head was trained on (all
+    labelled ones if none), a fixed sample, preprocessed."""
+    ids = sorted(result.train_ids or result.held_ids)
+    if len(ids) > MAX_CALIBRATION_IMAGES:
+        ids = sorted(np.random.default_rng(0).choice(ids, MAX_CALIBRATION_IMAGES, replace=False).tolist())
+    return np.stack([preprocess_image(decode_image(labels.read(i)), config) for i in ids])
 
 
 @dataclass(frozen=True)
@@ -107,9 +131,10 @@ class RetrainResult:
 
 
 def retrain(state: State, home: Path, params: RetrainParams, progress_report: Callable[[str, float], None],
-            threads: int = 2, job_id: str = "") -> RetrainResult:
+            threads: int = 2, job_id: str = "", int8: bool = False) -> RetrainResult:
     """Run one head-only retrain. Scratch files go to a directory in ``home`` named after the
-    job."""
+    job. With ``int8`` (a CPU host serving INT8 where it can), a new version whose parent has no
+    INT8 variant gets one calibrated on its own images (:func:`add_int8_variant`)."""
     progress = Progress(progress_report)
     registry, labels = state.registry, state.labels
     parent = retrainable_parent(registry, labels)
@@ -155,10 +180,12 @@ def retrain(state: State, home: Path, params: RetrainParams, progress_report: Ca
             embedding_hashes=result.hashes,
             parent=parent.version,
             dataset_fingerprint=None,
-            details={"strategy": "retrain-head", "job_params": params.model_dump(),
+            details={"strategy": "retrain-head", "exporter": graph_exporter(parent.info),
+                     "job_params": params.model_dump(),
                      "seconds": round(time.perf_counter() - started, 2)},
         )
-        if parent.has_int8():  # before activation: workers load both at once
+        if parent.has_int8() or int8:  # before activation: workers load both at once
+            progress("quantizing", 0.96)
             if result.held_ids:
                 inputs = np.stack([
                     preprocess_image(decode_image(labels.read(i)), parent.spec.preprocess)
@@ -167,7 +194,10 @@ def retrain(state: State, home: Path, params: RetrainParams, progress_report: Ca
                 targets: np.ndarray | None = np.array([index[labels_by_id[i]] for i in result.held_ids], np.int64)
             else:
                 inputs, targets = sample, None
-            metrics["int8"] = add_int8_variant(registry, parent, version, result, inputs, targets, Path(tmp), threads)
+            calibration = None if parent.has_int8() else calibration_images(labels, result, parent.spec.preprocess)
+            metrics["int8"] = add_int8_variant(registry, parent, version, result, (inputs, targets), calibration,
+                                               Path(tmp), threads)
+        metrics["variants"] = ["fp32", "int8"] if metrics.get("int8", {}).get("added") else ["fp32"]
     if result.promote:
         progress("activating", 0.98)
         try:
@@ -189,6 +219,7 @@ _PHASE_WRITES = {
     "evaluating": "recording the job's progress",
     "exporting": "writing the new model version",
     "verifying": "writing the new model version",
+    "quantizing": "writing the new model version's INT8 variant",
     "activating": "activating the new version",
 }
 
@@ -266,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
         jobs.mark_running(args.job_id, os.getpid())
         # every core: the job is niced, so serving still comes first
         result = retrain(state, settings.home, RetrainParams.model_validate(job.params or {}), report,
-                         threads=cpu_count(), job_id=args.job_id)
+                         threads=cpu_count(), job_id=args.job_id,
+                         int8=settings.model_variant in ("auto", "int8") and serves_on_cpu(settings))
     except SystemExit as exc:
         _record_failure(jobs, args.job_id, str(exc))
         return 1

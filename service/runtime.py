@@ -56,6 +56,18 @@ def feeds_pixels(providers: list[tuple[str, dict[str, Any]]]) -> bool:
     return providers[0][0] != CPU
 
 
+def served_variant(setting: str, has_int8: bool, on_cpu: bool) -> str:
+    """Which graph of a version ``TRANSFER_SERVE_MODEL_VARIANT=setting`` serves: ``auto`` is the
+    INT8 variant on the CPU provider when the version has one (it passed the INT8 gate when it was
+    added), fp32 otherwise and on GPUs, where INT8 QDQ graphs gain nothing; ``int8`` falls back to
+    fp32 for a version without one."""
+    if setting == "auto":
+        return "int8" if has_int8 and on_cpu else "fp32"
+    if setting == "int8":
+        return "int8" if has_int8 else "fp32"
+    return setting
+
+
 class ModelNotLoaded(RuntimeError):
     """No model version is loaded yet (empty store, or the active one failed to load)."""
 
@@ -82,7 +94,7 @@ class ModelRuntime:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
         providers = session_providers(self.settings)
-        variant, path = self._variant(version)
+        variant, path = self._variant(version, providers[0][0] == CPU)
         if variant == "fp16" and providers[0][0] == CPU:
             log.warning("TRANSFER_SERVE_MODEL_VARIANT=fp16 on the CPU provider: correct but slower than fp32 "
                         "(float16 pays off on GPUs)")
@@ -106,18 +118,15 @@ class ModelRuntime:
         return LoadedModel(version.version, version.number, version.spec, session,
                            tuple(session.get_providers()), variant, pixels)
 
-    def _variant(self, version: ModelVersion) -> tuple[str, Path]:
-        """The graph to serve: the INT8 one if the settings ask for it and the version's manifest
-        lists it (so it was checked with the version); fp16 (converted from fp32) if asked; else fp32."""
-        if self.settings.model_variant == "int8":
-            if version.has_int8():
-                return "int8", version.int8_onnx_path
+    def _variant(self, version: ModelVersion, on_cpu: bool) -> tuple[str, Path]:
+        """The graph to serve (:func:`served_variant`) and its file; fp16 is converted from the
+        verified fp32 graph as it loads."""
+        variant = served_variant(self.settings.model_variant, version.has_int8(), on_cpu)
+        if self.settings.model_variant == "int8" and variant != "int8":
             log.warning("TRANSFER_SERVE_MODEL_VARIANT=int8, but model version %s has no INT8 variant: serving its "
                         "fp32 model (add one with `python -m training quantize --version %s --data DIR`)",
                         version.version, version.version)
-        if self.settings.model_variant == "fp16":
-            return "fp16", version.onnx_path  # converted from the verified fp32 graph as it loads
-        return "fp32", version.onnx_path
+        return variant, version.int8_onnx_path if variant == "int8" else version.onnx_path
 
     def refresh(self) -> bool:
         """Load the active version if it is not the loaded one. True if a new one went live.

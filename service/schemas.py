@@ -58,6 +58,14 @@ class ModelSummary(BaseModel):
     metrics: dict[str, Any] | None = None
     parent: str | None = None
     strategy: str | None = Field(None, description="how it was trained (head, finetune, retrain-head, ...)")
+    exporter: str | None = Field(None, description="the ONNX exporter of its graph: dynamo, or torchscript for "
+                                 "versions made before dynamo became the default (slower: `python -m training "
+                                 "reexport` makes a faster copy of bootstrap and head-only ones)")
+    variants: list[str] | None = Field(None, description="its graphs: fp32, and int8 where it has a checked "
+                                       "INT8 variant (fp16 is converted from fp32 at load time)")
+    serves: str | None = Field(None, description="the variant this deployment serves of it when it is active "
+                               "(TRANSFER_SERVE_MODEL_VARIANT on this host's provider); each replica reports what "
+                               "it really serves in `replicas`")
     error: str | None = Field(None, description="what is wrong with a damaged version")
 
 

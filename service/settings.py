@@ -41,10 +41,11 @@ class Settings(StoreSettings):
     providers: Literal["auto", "cpu", "cuda", "tensorrt"] = Field(
         "auto", description="auto: CUDA when a usable GPU is present, else CPU"
     )
-    model_variant: Literal["fp32", "int8", "fp16"] = Field(
-        "fp32", description="which graph of the active version to serve: fp32 (model.onnx), int8 "
-        "(model.int8.onnx, added by `python -m training quantize`; fp32 with a warning where a version has none), "
-        "or fp16 (converted from model.onnx at load time; for GPUs, slow on CPUs)",
+    model_variant: Literal["auto", "fp32", "int8", "fp16"] = Field(
+        "auto", description="which graph of the active version to serve: auto (the version's INT8 variant on the "
+        "CPU provider when it has one, which passed the INT8 gate; fp32 otherwise and on GPUs), fp32 (model.onnx), "
+        "int8 (model.int8.onnx; fp32 with a warning where a version has none), or fp16 (converted from model.onnx "
+        "at load time; for GPUs, slow on CPUs)",
     )
     cuda_device_id: int = Field(0, ge=0)
     cudnn_conv_algo_search: Literal["EXHAUSTIVE", "HEURISTIC", "DEFAULT"] = "HEURISTIC"

@@ -205,6 +205,17 @@ class ModelVersion:
         return version_summary(self.version, self.info, self.metrics, self.spec)
 
 
+#: The exporter of every graph made before versions recorded theirs (``training/export.py``).
+LEGACY_EXPORTER = "torchscript"
+
+
+def graph_exporter(info: Mapping[str, Any]) -> str:
+    """Which ONNX exporter made a version's graph: what its details record (a fit's or bootstrap's
+    parity check names it, a retrain inherits its parent's), else the one all older versions had."""
+    details = info.get("details") or {}
+    return str(details.get("exporter") or (details.get("onnx_parity") or {}).get("exporter") or LEGACY_EXPORTER)
+
+
 def version_summary(version: str, info: Mapping[str, Any], metrics: Mapping[str, Any],
                     spec: ModelSpec) -> dict[str, Any]:
     """What a listing shows of a version."""
@@ -213,6 +224,7 @@ def version_summary(version: str, info: Mapping[str, Any], metrics: Mapping[str,
         "created_at": info.get("created_at"),
         "parent": info.get("parent"),
         "strategy": (info.get("details") or {}).get("strategy"),
+        "exporter": graph_exporter(info),
         "backbone": spec.backbone,
         "labels": list(spec.labels),
         "metrics": dict(metrics),

@@ -19,12 +19,10 @@ fp32's (the INT8 gate, :mod:`models.int8`, which the retrain job runs too); othe
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -32,18 +30,15 @@ from typing import Any
 import numpy as np
 
 from models.errors import DatasetError, ModelError
-from models.int8 import MAX_ACCURACY_LOSS, check_int8
+from models.int8 import MAX_ACCURACY_LOSS, MAX_CALIBRATION_IMAGES, check_int8, quantize_onnx
 from models.onnx_io import check_onnx_contract
 from models.preprocess import preprocess_image
-from models.spec import ONNX_INPUT, ONNX_LOGITS
 from store.registry import INT8_ONNX_FILENAME, INT8_REPORT_FILENAME, ModelRegistry, ModelVersion
 
 from .data import load_labelled, stratified_split
 
 log = logging.getLogger(__name__)
 
-MAX_CALIBRATION_IMAGES = 200
-CALIBRATION_BATCH = 8
 #: val_fraction of versions fitted before fit recorded it (FitOptions' default then).
 DEFAULT_VAL_FRACTION = 0.2
 
@@ -136,65 +131,6 @@ def _fit_split(version: ModelVersion, dataset: Any) -> tuple[np.ndarray, np.ndar
                     "the calibration images", version.version, len(val_idx), details.get("held_out_images"))
         return None
     return train_idx, val_idx
-
-
-class _BatchReader:
-    """onnxruntime's CalibrationDataReader over an array of preprocessed images."""
-
-    def __init__(self, inputs: np.ndarray, batch_size: int = CALIBRATION_BATCH) -> None:
-        self._batches = iter([np.ascontiguousarray(inputs[i : i + batch_size], dtype=np.float32)
-                              for i in range(0, len(inputs), batch_size)])
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        batch = next(self._batches, None)
-        return None if batch is None else {ONNX_INPUT: batch}
-
-
-@contextlib.contextmanager
-def _quiet_root_logger() -> Iterator[None]:
-    """onnxruntime.quantization logs an INFO line per adjusted weight channel (hundreds) on the
-    root logger: keep them out of INFO-level output, not out of DEBUG."""
-    root = logging.getLogger()
-    saved = root.level
-    if saved == logging.INFO:
-        root.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        root.setLevel(saved)
-
-
-def quantize_onnx(source: Path, destination: Path, calibration: np.ndarray) -> None:
-    """Write ``source`` quantised statically to INT8 (QDQ format; uint8 activations, int8
-    weights per output channel; MinMax ranges over ``calibration``) to ``destination``. The node
-    that computes ``logits`` (the linear head) stays float."""
-    import onnx
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    if calibration.ndim != 4 or len(calibration) == 0:
-        raise ValueError(f"calibration needs a non-empty (N, 3, S, S) batch, got shape {calibration.shape}")
-
-    class Reader(_BatchReader, CalibrationDataReader):
-        pass
-
-    with tempfile.TemporaryDirectory(prefix="transfer-serve-quantize-") as tmp, _quiet_root_logger():
-        prepared = Path(tmp) / "prepared.onnx"
-        # ORT's recommended step before quantising: shape inference and graph clean-up
-        quant_pre_process(str(source), str(prepared))
-        head = [node.name for node in onnx.load(str(prepared)).graph.node if ONNX_LOGITS in node.output]
-        quantize_static(
-            str(prepared), str(destination), Reader(calibration),
-            quant_format=QuantFormat.QDQ, per_channel=True,
-            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-            calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=head,
-        )
 
 
 def quantize_version(

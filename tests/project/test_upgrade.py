@@ -67,7 +67,9 @@ def test_every_version_survives_with_its_files_and_checksums(upgraded: State, ol
         assert version.info["parent"] == old["parent"]
         assert list(version.spec.labels) == old["labels"]
         assert version.spec.model_dump(mode="json") == old["spec"]
-        assert version.summary() == old["summary"]
+        summary = version.summary()
+        assert summary.pop("exporter") == "torchscript"  # added since: what every older graph was made by
+        assert summary == old["summary"]
         embeddings, targets = version.training_embeddings()
         assert embeddings.tolist() == old["training"]["embeddings"]
         assert targets.tolist() == old["training"]["targets"]

@@ -279,6 +279,13 @@ def test_retrain_promotes_and_every_worker_swaps_without_errors(
         assert done["version"] == "v2" and done["progress"] == 1.0
         assert done["metrics"]["candidate"]["accuracy"] >= done["metrics"]["active"]["accuracy"]
         assert done["metrics"]["candidate"]["held_out"] > 0
+        # a CPU host serving the default variant (auto): v2 got an INT8 graph calibrated on its own
+        # images, kept only if it passed the INT8 gate on the held-out ones
+        int8 = done["metrics"]["int8"]
+        assert int8["from"] is None and 0 < int8["calibration_images"] <= 48
+        assert int8["check_images"] == done["metrics"]["candidate"]["held_out"]
+        assert int8["added"] == (int8["accuracy_loss"] <= 0.005)
+        assert done["metrics"]["variants"] == (["fp32", "int8"] if int8["added"] else ["fp32"])
         assert wait_for_version(admin, "v2") <= 5.0
         # the streams run on until one of their own requests has been answered after the swap:
         # on a loaded machine those in flight when it happened can take longer than the check
@@ -302,6 +309,11 @@ def test_models_listing_and_rollback(admin: httpx.Client) -> None:
     by_version = {v["version"]: v for v in listing["versions"]}
     assert by_version["v2"]["parent"] == "v1" and by_version["v2"]["labels"] == ["ants", "bees"]
     assert by_version["v2"]["active"] and not by_version["v1"]["active"]
+    assert by_version["v1"]["variants"] == ["fp32"] and by_version["v1"]["serves"] == "fp32"
+    assert {v["exporter"] for v in listing["versions"]} == {"dynamo"}  # bootstrap's graph, and v2's head in it
+    v2_int8 = "int8" in by_version["v2"]["variants"]
+    assert by_version["v2"]["serves"] == ("int8" if v2_int8 else "fp32")  # auto, on a CPU host
+    assert {replica["variant"] for replica in listing["replicas"]} == {by_version["v2"]["serves"]}
     assert admin.post("/admin/models/v1/activate").json() == {"active": "v1"}
     wait_for_version(admin, "v1")
     assert admin.post("/admin/models/v2/activate").status_code == 200

@@ -21,9 +21,12 @@ import httpx
 import numpy as np
 import pytest
 
+from models.head import LinearHead
+from models.int8 import MAX_CALIBRATION_IMAGES
 from models.onnx_io import read_head
-from models.retrain import RetrainParams
-from service.retrain import RetrainResult, failure_reason, retrain
+from models.preprocess import decode_image, preprocess_image
+from models.retrain import HeadRetrain, RetrainParams
+from service.retrain import RetrainResult, add_int8_variant, failure_reason, retrain
 from store import errors
 from store.local.registry import DirectoryRegistry
 from store.registry import INT8_ONNX_FILENAME
@@ -137,13 +140,10 @@ def test_a_retrain_of_a_version_with_an_int8_variant_gets_one_with_its_new_head(
 ) -> None:
     registry, folder = grey_version
     state = open_state(home=registry.home)
-    store = state.labels
-    for label, grays in {"cat": range(0, 100, 7), "dog": range(150, 256, 7)}.items():
-        for gray in grays:
-            store.add(grey_png(gray), label, max_pixels=10_000)
+    add_greys(state)
     # a version without a variant begets one without (served as fp32, with the runtime's warning)
     plain = retrain(state, registry.home, RetrainParams(force=True), lambda *_: None, threads=1)
-    assert plain.state == "succeeded" and "int8" not in plain.metrics
+    assert plain.state == "succeeded" and "int8" not in plain.metrics and plain.metrics["variants"] == ["fp32"]
     assert INT8_ONNX_FILENAME not in registry.get(plain.version).manifest_files()
 
     quantize_version(registry, "v1", folder, progress=False)
@@ -163,6 +163,55 @@ def test_a_retrain_of_a_version_with_an_int8_variant_gets_one_with_its_new_head(
     assert figures["added"] and figures["from"] == "v1" and figures["check_images"] > 0
     assert figures["int8_accuracy"] >= figures["fp32_accuracy"] - 0.005
     assert json.loads((child.path / INT8_REPORT_FILENAME).read_text()) == figures
+
+
+def add_greys(state: State) -> None:
+    for label, grays in {"cat": range(0, 100, 7), "dog": range(150, 256, 7)}.items():
+        for gray in grays:
+            state.labels.add(grey_png(gray), label, max_pixels=10_000)
+
+
+def test_on_a_cpu_host_a_version_without_a_parent_variant_gets_one_calibrated_on_its_images(
+    grey_version: tuple[DirectoryRegistry, Path]
+) -> None:
+    registry, _ = grey_version
+    state = open_state(home=registry.home)
+    add_greys(state)
+    assert not registry.get("v1").has_int8()
+    result = retrain(state, registry.home, RetrainParams(force=True), lambda *_: None, threads=1, int8=True)
+    child = registry.get(result.version)
+    figures = result.metrics["int8"]
+    assert figures["added"] and figures["from"] is None
+    assert 0 < figures["calibration_images"] <= MAX_CALIBRATION_IMAGES
+    assert figures["labelled"] and figures["check_images"] == result.metrics["candidate"]["held_out"] > 0
+    assert figures["int8_accuracy"] >= figures["fp32_accuracy"] - 0.005
+    assert result.metrics["variants"] == ["fp32", "int8"]
+    assert INT8_ONNX_FILENAME in child.manifest_files()
+    child.verify()
+    weight, bias = read_head(child.onnx_path)
+    int8_weight, int8_bias = read_head(child.int8_onnx_path)  # the head stays float, the new one
+    assert np.array_equal(weight, int8_weight) and np.array_equal(bias, int8_bias)
+
+
+def test_a_calibrated_variant_that_loses_accuracy_is_dropped_and_the_version_kept_in_fp32(
+    grey_version: tuple[DirectoryRegistry, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Calibrated on dark images alone, INT8 clips every light image to dark: it loses half the
+    answers, so the gate drops it."""
+    registry, _ = grey_version
+    v1 = registry.get("v1")
+    weight, bias = read_head(v1.onnx_path)
+    head = HeadRetrain(labels=["cat", "dog"], head=LinearHead(weight, bias), train_ids=[], held_ids=[], promote=True,
+                       metrics={}, embeddings=np.zeros((0, 3), np.float32), targets=np.zeros(0, np.int64), hashes=[])
+    dark, light = (np.stack([preprocess_image(decode_image(grey_png(level)), v1.spec.preprocess) for level in levels])
+                   for levels in (range(0, 60, 5), range(170, 256, 7)))
+    check = (np.concatenate([dark, light]), np.array([0] * len(dark) + [1] * len(light)))
+    with tempfile.TemporaryDirectory() as tmp, caplog.at_level("WARNING"):
+        figures = add_int8_variant(registry, v1, v1, head, check, dark, Path(tmp), threads=1)
+    assert not figures["added"] and figures["fp32_accuracy"] == 1.0 and figures["int8_accuracy"] < 0.9
+    assert any("gets no INT8 variant (it is registered and served in fp32)" in r.getMessage() for r in caplog.records)
+    assert INT8_ONNX_FILENAME not in registry.get("v1").manifest_files()
+    registry.get("v1").verify()
 
 
 # -- a file size limit (RLIMIT_FSIZE): the retrain job cannot write its model ----------------------

@@ -14,7 +14,7 @@ import pytest
 
 from models.spec import ONNX_INPUT
 from service.providers import CPU, CUDA, TENSORRT
-from service.runtime import feeds_pixels
+from service.runtime import feeds_pixels, served_variant
 from store.local.registry import DirectoryRegistry
 from tests.support.models import (
     TINY_SIZE,
@@ -122,6 +122,31 @@ def test_the_runtime_serves_the_chosen_variant_and_names_it(
         assert model.version == "v1"  # responses name the version, whichever graph made them
     assert served["fp32"].argmax(1).tolist() == served["int8"].argmax(1).tolist() == [0, 1]
     assert not np.array_equal(served["fp32"], served["int8"])  # two different graphs answered
+
+
+@pytest.mark.parametrize(("setting", "has_int8", "on_cpu", "served"), [
+    ("auto", True, True, "int8"), ("auto", False, True, "fp32"), ("auto", True, False, "fp32"),
+    ("int8", True, False, "int8"), ("int8", False, True, "fp32"), ("fp32", True, True, "fp32"),
+    ("fp16", True, True, "fp16"),
+])
+def test_which_graph_each_setting_serves(setting: str, has_int8: bool, on_cpu: bool, served: str) -> None:
+    assert served_variant(setting, has_int8, on_cpu) == served
+
+
+def test_auto_serves_int8_on_the_cpu_where_a_version_has_one_and_fp32_where_not(
+    grey_version: tuple[DirectoryRegistry, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    registry, folder = grey_version
+    worker = tiny_runtime(registry, model_variant="auto")
+    assert worker.refresh()
+    assert worker.loaded is not None and worker.loaded.variant == "fp32"
+    quantize_version(registry, "v1", folder, progress=False)
+    worker = tiny_runtime(registry, model_variant="auto")
+    with caplog.at_level("INFO"):
+        assert worker.refresh()
+    assert worker.loaded is not None and worker.loaded.variant == "int8"
+    assert runtime_warnings(caplog) == []  # the default choosing is not a problem to warn of
+    assert any("variant int8" in r.getMessage() for r in caplog.records)  # the start-up log names it
 
 
 def test_int8_asked_for_a_version_without_one_serves_fp32_with_one_warning(

@@ -48,13 +48,16 @@ def test_admin_token_is_secret() -> None:
     assert "a" * 32 not in repr(s) and "a" * 32 not in str(s.model_dump())
 
 
-def test_the_variant_setting_takes_fp32_int8_or_fp16_only(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_the_variant_setting_takes_auto_fp32_int8_or_fp16_only(monkeypatch: pytest.MonkeyPatch,
+                                                                tmp_path: Path) -> None:
+    monkeypatch.setenv("TRANSFER_SERVE_MODEL_VARIANT", "fp32")
+    assert Settings(home=tmp_path).model_variant == "fp32"
     monkeypatch.setenv("TRANSFER_SERVE_MODEL_VARIANT", "int8")
     assert Settings(home=tmp_path).model_variant == "int8"
     monkeypatch.setenv("TRANSFER_SERVE_MODEL_VARIANT", "fp16")
     assert Settings(home=tmp_path).model_variant == "fp16"
     monkeypatch.delenv("TRANSFER_SERVE_MODEL_VARIANT")
-    assert Settings(home=tmp_path).model_variant == "fp32"
+    assert Settings(home=tmp_path).model_variant == "auto"  # INT8 on CPUs where a version has a checked one
     monkeypatch.setenv("TRANSFER_SERVE_MODEL_VARIANT", "int4")
     with pytest.raises(ValidationError, match="model_variant"):
         Settings(home=tmp_path)

@@ -13,7 +13,7 @@ import pytest
 from models.errors import ModelError, VersionNotFoundError
 from models.onnx_io import cpu_session, run_in_batches
 from store.local.registry import COMPLETE_MARKER, DirectoryRegistry
-from store.registry import INT8_ONNX_FILENAME
+from store.registry import INT8_ONNX_FILENAME, graph_exporter
 from tests.support.models import (
     damage,
     pointer,
@@ -274,3 +274,13 @@ def test_only_a_variant_that_meets_the_spec_is_added_and_a_damaged_one_fails_ver
         fh.write(b"\xff")
     with pytest.raises(ModelError, match="model.int8.onnx is corrupted"):
         version.verify()
+
+
+@pytest.mark.parametrize(("details", "exporter"), [
+    ({"onnx_parity": {"exporter": "dynamo"}}, "dynamo"),  # fit and bootstrap: their parity check says
+    ({"exporter": "dynamo", "strategy": "retrain-head"}, "dynamo"),  # a retrain: its parent's
+    ({"onnx_parity": {"max_logit_diff": 1e-6}}, "torchscript"),  # made before versions recorded it
+    (None, "torchscript"),
+])
+def test_a_versions_exporter_is_what_it_records_or_the_one_older_versions_had(details, exporter) -> None:
+    assert graph_exporter({"details": details}) == exporter
