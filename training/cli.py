@@ -1,4 +1,4 @@
-"""Command-line interface: ``python -m training {bootstrap,fit,evaluate,models,import,quantize}``.
+"""Command-line interface: ``python -m training {bootstrap,fit,evaluate,models,import,quantize,reexport}``.
 
 Progress bars and logs go to stderr; results go to stdout. With ``--json`` the output ends with
 one JSON object (``version`` and ``metrics`` for ``fit``), so scripts can read the last line.
@@ -65,6 +65,14 @@ def _parser() -> argparse.ArgumentParser:
     quant.add_argument("--calibration-images", type=int, default=None,
                        help="most training images to calibrate on (default 200)")
     quant.add_argument("--json", action="store_true")
+
+    reexport = sub.add_parser("reexport", help="a new version with a version's head on its stock pretrained "
+                              "backbone exported again (the faster graph), checked against it on its own images")
+    reexport.add_argument("--version", required=True, help="a bootstrap or head-only version (vN)")
+    reexport.add_argument("--data", type=Path,
+                          help="the labelled folder or CSV manifest the version was fitted on, where its images "
+                               "are not in the label store")
+    reexport.add_argument("--json", action="store_true")
 
     ls = sub.add_parser("models", help="list versions, their metrics, and which is active")
     ls.add_argument("--json", action="store_true")
@@ -137,7 +145,28 @@ def run(args: argparse.Namespace) -> int:
                   f"{quantized.calibration_images} training images; on {quantized.check_source}: top-1 accuracy "
                   f"{quantized.int8_accuracy:.4f} (fp32 {quantized.fp32_accuracy:.4f}), agreement "
                   f"{quantized.top1_agreement:.4f}")
-            print("serve it with TRANSFER_SERVE_MODEL_VARIANT=int8")
+            print("the service serves it on CPU hosts by default (TRANSFER_SERVE_MODEL_VARIANT=auto)")
+    elif args.command == "reexport":
+        from .reexport import reexport_version
+
+        reexported = reexport_version(registry, state.labels, args.version, args.data, progress=not quiet)
+        if args.json:
+            _emit(reexported.as_dict())
+        elif reexported.version is None or reexported.parity is None or reexported.gate is None:
+            print(reexported.note)
+        else:
+            parity, gate = reexported.parity, reexported.gate
+            print(f"registered {reexported.version} from {reexported.source} in {reexported.seconds:.1f}s (the "
+                  f"same head, the backbone exported again); against {reexported.source} on {parity['images']} "
+                  f"images: max logit difference {parity['max_logit_diff']:.2e}, top-1 agreement "
+                  f"{parity['top1_agreement']:.4f}")
+            print(f"promotion gate {'passed' if gate['passed'] else 'not passed'}: {gate['reason']}")
+            if reexported.int8 is not None:
+                print("INT8 variant: " + ("added" if reexported.int8["added"] else
+                                          "not added (it missed the INT8 gate; the version serves fp32)"))
+            print(f"{reexported.version} is active" if reexported.active else
+                  f"{reexported.version} is not active; activate it with "
+                  f"POST /admin/models/{reexported.version}/activate")
     elif args.command == "models":
         active = registry.active_version()
         rows = [{**v.summary(), "active": v.version == active, "int8": v.has_int8()} for v in registry.versions()]
@@ -152,7 +181,8 @@ def run(args: argparse.Namespace) -> int:
                 acc = row["metrics"].get("accuracy")
                 print(f"{'*' if row['active'] else ' '} {row['version']:<6} {row['created_at'][:19]}  "
                       f"{row['strategy'] or '':<9} {len(row['labels']):>5} labels  "
-                      f"accuracy {'-' if acc is None else f'{acc:.3f}'}{'  +int8' if row['int8'] else ''}")
+                      f"accuracy {'-' if acc is None else f'{acc:.3f}'}  {row['exporter']:<11}"
+                      f"{'  +int8' if row['int8'] else ''}")
     return 0
 
 
