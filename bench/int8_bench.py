@@ -35,7 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -189,6 +189,7 @@ class Tally:
     per_round: list[float] = field(default_factory=list)
     machine_busy: float = 0.0
     server_cpu: float = 0.0
+    server_cpu_by_process: dict[str, float] = field(default_factory=dict)
     client_cpu: float = 0.0
 
 
@@ -209,36 +210,48 @@ def service(home: Path, version: str, args: argparse.Namespace, stack: contextli
         servers[variant] = stack.enter_context(serving("service.service:TransferServe", home, log_dir, env=env))
         check_server(servers[variant], version, variant, images)
         progress(f"service: {variant} ready at {servers[variant].url}")
+    results = measure_in_turn(servers, images, args, progress)
+    progress("stopping the servers")
+    return results
+
+
+def measure_in_turn(servers: Mapping[str, Server], images: Sequence[ImageFile], args: argparse.Namespace,
+                    progress: Progress) -> dict[str, dict[str, Any]]:
+    """--concurrency clients sending single-image POST /predict to each of ``servers`` in turn,
+    --rounds times (--duration / --rounds seconds each after --warmup); figures pooled per server."""
     seconds = args.duration / args.rounds
-    tallies = {v: Tally() for v in VARIANTS}
+    tallies = {name: Tally() for name in servers}
     for round_index in range(args.rounds):
-        for variant, server in servers.items():
-            label = f"{variant} (round {round_index + 1}/{args.rounds})"
+        for name, server in servers.items():
+            label = f"{name} (round {round_index + 1}/{args.rounds})"
             machine, server_cpu = SystemCPU(), ProcessCPU(server.process.pid)
             client_cpu = ProcessCPU(tree=False, root_label="load generator")
             result = asyncio.run(predict_load(server.url, images, concurrency=args.concurrency, duration=seconds,
                                               warmup=args.warmup, probes=[machine, server_cpu, client_cpu],
                                               progress=progress, label=label))
-            tally = tallies[variant]
+            tally = tallies[name]
             tally.ok += result.images
             tally.errors += result.errors
             tally.seconds += result.seconds
             tally.latencies_ms += result.latencies_ms
             tally.per_round.append(result.throughput)
             tally.machine_busy += machine.busy_seconds()
-            tally.server_cpu += sum(server_cpu.seconds().values())
+            for process, used in server_cpu.seconds().items():
+                tally.server_cpu += used
+                tally.server_cpu_by_process[process] = tally.server_cpu_by_process.get(process, 0.0) + used
             tally.client_cpu += sum(client_cpu.seconds().values())
             progress(f"{label}: {result.throughput:.1f} img/s, {result.errors} errors")
-    progress("stopping the servers")
     results = {}
-    for variant, tally in tallies.items():
+    for name, tally in tallies.items():
         lat = tally.latencies_ms
-        results[variant] = {
+        results[name] = {
             "throughput": tally.ok / tally.seconds, "requests_ok": tally.ok, "errors": tally.errors,
             "seconds": tally.seconds, "throughput_per_round": tally.per_round,
             "latency_ms": {f"p{q}": float(np.percentile(lat, q)) if lat else None for q in (50, 95, 99)},
             "server_cores_busy": tally.server_cpu / tally.seconds,
             "server_cpu_ms_per_image": 1000 * tally.server_cpu / max(tally.ok, 1),
+            "server_cpu_ms_per_image_by_process": {process: 1000 * used / max(tally.ok, 1)
+                                                   for process, used in sorted(tally.server_cpu_by_process.items())},
             "load_generator_cores_busy": tally.client_cpu / tally.seconds,
             "other_cores_busy": max(0.0, tally.machine_busy - tally.server_cpu - tally.client_cpu) / tally.seconds,
         }
