@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 import numpy as np
 
@@ -427,3 +427,13 @@ async def predict_load(
 
     await asyncio.gather(watch(), load.run(until=window_end))
     return window_result(load, window_start, duration, max_error_samples=max_error_samples)
+
+
+def run_main(main: Callable[[], int]) -> NoReturn:
+    """Exit with ``main()``'s status; on Ctrl-C or SIGTERM (:func:`install_sigterm_handler`) say
+    that the servers are stopped (the ``serving`` contexts have stopped them by then) and exit 130."""
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("interrupted; every server this run started has been stopped", file=sys.stderr)
+        sys.exit(130)

@@ -43,7 +43,6 @@ import contextlib
 import json
 import platform
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -64,6 +63,7 @@ from bench.common import (
     describe_images,
     install_sigterm_handler,
     load_images,
+    run_main,
     serving,
 )
 from bench.int8_bench import OTHER_LOAD_WARNING, check_server, held_out_accuracy, measure_in_turn, prepare, run_cli
@@ -517,8 +517,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the servers are stopped by now
-        print("interrupted; every server this run started has been stopped", file=sys.stderr)
-        sys.exit(130)
+    run_main(main)

@@ -53,6 +53,7 @@ from bench.common import (
     install_sigterm_handler,
     load_images,
     predict_load,
+    run_main,
     serving,
 )
 from tests.support.paths import ROOT
@@ -367,8 +368,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the servers are stopped by now
-        print("interrupted; every server this run started has been stopped", file=sys.stderr)
-        sys.exit(130)
+    run_main(main)

@@ -45,7 +45,6 @@ import math
 import os
 import platform
 import queue
-import sys
 import tempfile
 import threading
 import time
@@ -72,6 +71,7 @@ from bench.common import (
     describe_images,
     percentiles,
     predict_load,
+    run_main,
     serving,
     state_home,
 )
@@ -686,8 +686,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the servers are stopped by now
-        print("interrupted; every server this run started has been stopped", file=sys.stderr)
-        sys.exit(130)
+    run_main(main)

@@ -29,7 +29,7 @@ from models.retrain import HeadRetrain, RetrainParams
 from service.retrain import RetrainResult, add_int8_variant, failure_reason, retrain
 from store import errors
 from store.local.registry import DirectoryRegistry
-from store.registry import INT8_ONNX_FILENAME
+from store.registry import INT8_ONNX_FILENAME, ModelVersion
 from store.state import State, open_state
 from tests.support.admin import (
     AUTH,
@@ -135,6 +135,22 @@ def test_retrain_failure_reasons_say_what_was_left() -> None:
 # -- a head-only retrain inherits the parent's INT8 backbone ----------------------------------
 
 
+def add_greys(state: State) -> None:
+    for label, grays in {"cat": range(0, 100, 7), "dog": range(150, 256, 7)}.items():
+        for gray in grays:
+            state.labels.add(grey_png(gray), label, max_pixels=10_000)
+
+
+def assert_int8_has_the_new_head(version: ModelVersion) -> None:
+    """The version's INT8 graph is listed, verifies and carries the very head of its fp32 graph
+    (the head stays float in both)."""
+    assert INT8_ONNX_FILENAME in version.manifest_files()
+    version.verify()
+    weight, bias = read_head(version.onnx_path)
+    int8_weight, int8_bias = read_head(version.int8_onnx_path)
+    assert np.array_equal(weight, int8_weight) and np.array_equal(bias, int8_bias)
+
+
 def test_a_retrain_of_a_version_with_an_int8_variant_gets_one_with_its_new_head(
     grey_version: tuple[DirectoryRegistry, Path]
 ) -> None:
@@ -152,23 +168,14 @@ def test_a_retrain_of_a_version_with_an_int8_variant_gets_one_with_its_new_head(
     assert result.state == "succeeded"
     child = registry.get(result.version)
     assert child.info["parent"] == "v1" and registry.active_version() == child.version
-    assert INT8_ONNX_FILENAME in child.manifest_files()
-    child.verify()
-    weight, bias = read_head(child.onnx_path)
-    int8_weight, int8_bias = read_head(child.int8_onnx_path)
-    assert np.array_equal(weight, int8_weight) and np.array_equal(bias, int8_bias)  # the new head
+    assert_int8_has_the_new_head(child)
+    weight, _ = read_head(child.onnx_path)
     parent_weight, _ = read_head(registry.get("v1").int8_onnx_path)
     assert not np.array_equal(weight, parent_weight)
     figures = result.metrics["int8"]
     assert figures["added"] and figures["from"] == "v1" and figures["check_images"] > 0
     assert figures["int8_accuracy"] >= figures["fp32_accuracy"] - 0.005
     assert json.loads((child.path / INT8_REPORT_FILENAME).read_text()) == figures
-
-
-def add_greys(state: State) -> None:
-    for label, grays in {"cat": range(0, 100, 7), "dog": range(150, 256, 7)}.items():
-        for gray in grays:
-            state.labels.add(grey_png(gray), label, max_pixels=10_000)
 
 
 def test_on_a_cpu_host_a_version_without_a_parent_variant_gets_one_calibrated_on_its_images(
@@ -186,11 +193,7 @@ def test_on_a_cpu_host_a_version_without_a_parent_variant_gets_one_calibrated_on
     assert figures["labelled"] and figures["check_images"] == result.metrics["candidate"]["held_out"] > 0
     assert figures["int8_accuracy"] >= figures["fp32_accuracy"] - 0.005
     assert result.metrics["variants"] == ["fp32", "int8"]
-    assert INT8_ONNX_FILENAME in child.manifest_files()
-    child.verify()
-    weight, bias = read_head(child.onnx_path)
-    int8_weight, int8_bias = read_head(child.int8_onnx_path)  # the head stays float, the new one
-    assert np.array_equal(weight, int8_weight) and np.array_equal(bias, int8_bias)
+    assert_int8_has_the_new_head(child)
 
 
 def test_a_calibrated_variant_that_loses_accuracy_is_dropped_and_the_version_kept_in_fp32(
