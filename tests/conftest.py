@@ -1,9 +1,11 @@
 """Fixtures shared by every test directory: the real photo folder, one bootstrapped state
-directory per session, and a single-machine registry whose v1 was trained on flat grey images.
-Helpers live in :mod:`tests.support`; fixtures of one directory in that directory's conftest."""
+directory per session (and one per other offline backbone, where a test asks), and a
+single-machine registry whose v1 was trained on flat grey images. Helpers live in
+:mod:`tests.support`; fixtures of one directory in that directory's conftest."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +32,26 @@ def bootstrapped_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     home = tmp_path_factory.mktemp("bootstrapped")
     bootstrap(open_state(home=home).registry)
     return home
+
+
+@pytest.fixture(scope="session")
+def bootstrapped_home_of(bootstrapped_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """A state directory holding the bootstrap model of the offline backbone named, each built
+    once per session on first use by ``python -m training bootstrap --backbone NAME`` (in
+    process; ``efficientnet_lite0``'s is :func:`bootstrapped_home`)."""
+    from training.backbones import DEFAULT_BACKBONE
+    from training.cli import main
+
+    homes = {DEFAULT_BACKBONE: bootstrapped_home}
+
+    def home_of(backbone: str) -> Path:
+        if backbone not in homes:
+            home = tmp_path_factory.mktemp(f"bootstrapped-{backbone}")
+            assert main(["--home", str(home), "bootstrap", "--backbone", backbone]) == 0
+            homes[backbone] = home
+        return homes[backbone]
+
+    return home_of
 
 
 @pytest.fixture

