@@ -1,4 +1,4 @@
-"""Command-line interface: ``python -m training {bootstrap,fit,evaluate,models,import,quantize,reexport}``.
+"""Command-line interface: ``python -m training {bootstrap,fit,evaluate,models,import,quantize,reexport,compare}``.
 
 Progress bars and logs go to stderr; results go to stdout. With ``--json`` the output ends with
 one JSON object (``version`` and ``metrics`` for ``fit``), so scripts can read the last line.
@@ -80,6 +80,28 @@ def _parser() -> argparse.ArgumentParser:
                                "are not in the label store")
     reexport.add_argument("--json", action="store_true")
 
+    cmp = sub.add_parser("compare", help="the offline backbones side by side on a labelled folder: held-out "
+                         "accuracy over seeded splits, speed, size; a recommendation and a report folder")
+    cmp.add_argument("--data", required=True, type=Path, help=DATA_HELP)
+    cmp.add_argument("--backbones", default=",".join(OFFLINE_BACKBONES),
+                     help=f"comma-separated (default: all of {', '.join(OFFLINE_BACKBONES)})")
+    cmp.add_argument("--splits", type=int, default=5, help="seeded stratified splits per backbone (default 5)")
+    cmp.add_argument("--val-fraction", type=float, default=0.2, help="held-out share of each class")
+    cmp.add_argument("--finetune", action="store_true", help="fine-tune the whole network on every split too (slow)")
+    cmp.add_argument("--epochs", type=int, default=3, help="fine-tuning epochs per split (default 3)")
+    cmp.add_argument("--max-latency-ms", type=float,
+                     help="recommend only backbones that answer one image within this many milliseconds here")
+    cmp.add_argument("--learning-curve", action="store_true",
+                     help="also fit the head on 1, 2, 5, 10, 20 and all training images per class")
+    cmp.add_argument("--curve-draws", type=int, default=10, help="random subsets per learning-curve point (default 10)")
+    cmp.add_argument("--timing-seconds", type=float, default=1.0,
+                     help="length of each speed measurement (default 1)")
+    cmp.add_argument("--timing-rounds", type=int, default=3,
+                     help="rounds of speed measurements, every graph in turn in each; medians reported (default 3)")
+    cmp.add_argument("--report-dir", type=Path, default=Path("compare-report"),
+                     help="where summary.md, compare.json and the plots go (default ./compare-report)")
+    cmp.add_argument("--json", action="store_true")
+
     ls = sub.add_parser("models", help="list versions, their metrics, and which is active")
     ls.add_argument("--json", action="store_true")
     return parser
@@ -95,7 +117,45 @@ def _describe_metrics(metrics: dict[str, Any]) -> str:
     return format_metrics_table(metrics) if "accuracy" in metrics else metrics.get("note", "")
 
 
+def run_compare(args: argparse.Namespace) -> int:
+    from .compare import CompareOptions, compare, format_curve_table, format_table, write_compare_report
+
+    backbones = tuple(name.strip() for name in args.backbones.split(",") if name.strip())
+    unknown = [name for name in backbones if name not in OFFLINE_BACKBONES]
+    if unknown or not backbones:
+        raise InputError(f"--backbones: unknown {', '.join(unknown) or '(none given)'}; "
+                         f"choose from {', '.join(OFFLINE_BACKBONES)}")
+    for flag, value in (("--splits", args.splits), ("--epochs", args.epochs), ("--curve-draws", args.curve_draws),
+                        ("--timing-rounds", args.timing_rounds)):
+        if value < 1:
+            raise InputError(f"{flag} must be at least 1")
+    if not 0 < args.val_fraction < 1:
+        raise InputError("--val-fraction must be between 0 and 1")
+    options = CompareOptions(
+        backbones=backbones, splits=args.splits, val_fraction=args.val_fraction, finetune=args.finetune,
+        epochs=args.epochs, max_latency_ms=args.max_latency_ms, learning_curve=args.learning_curve,
+        curve_draws=args.curve_draws, timing_seconds=args.timing_seconds, timing_rounds=args.timing_rounds,
+        progress=not args.json,
+    )
+    comparison = compare(args.data, options)
+    summary = write_compare_report(comparison, args.report_dir, command=" ".join(["python -m training", *sys.argv[1:]]))
+    if args.json:
+        _emit({**comparison.as_dict(), "report": str(summary)})
+        return 0
+    print(format_table(comparison))
+    curve = format_curve_table(comparison)
+    if curve:
+        print(f"\nlearning curve: held-out accuracy on {comparison.curve_held_out} images by training images per class")
+        print(curve)
+    print(f"\nrecommendation: {comparison.recommendation.reason}")
+    print(f"rule: {comparison.recommendation.rule}")
+    print(f"report: {summary}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.command == "compare":  # measures backbones on a folder; the state is not involved
+        return run_compare(args)
     state = open_state(StoreSettings(home=args.home) if args.home else StoreSettings())
     registry = state.registry
     quiet = getattr(args, "json", False)

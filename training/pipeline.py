@@ -88,7 +88,7 @@ def onnx_embeddings(
     return np.concatenate(chunks).astype(np.float32)
 
 
-class _EvalAndThumbnail:
+class EvalAndThumbnail:
     """Per image: the exact eval tensor, plus (for fine-tuning) a thumbnail to augment from."""
 
     def __init__(self, config: PreprocessConfig, keep_thumbnail: bool) -> None:
@@ -118,7 +118,7 @@ def fit(data: Path, registry: ModelRegistry, options: FitOptions = FitOptions())
     backbone = create_backbone(options.backbone, checkpoint=options.checkpoint)
     config = backbone.preprocess
     dataset = load_labelled(
-        data, _EvalAndThumbnail(config, options.strategy == "finetune"), progress=options.progress
+        data, EvalAndThumbnail(config, options.strategy == "finetune"), progress=options.progress
     )
     inputs = np.stack([tensor for tensor, _ in dataset.items])
     train_idx, val_idx = stratified_split(dataset.targets, options.val_fraction, options.seed)

@@ -1,4 +1,5 @@
-"""The report's plots: the confusion matrix and the training curves, as PNG files. Drawn through
+"""The report's plots as PNG files: the confusion matrix and the training curves of a fit, and the
+backbone comparison's accuracy against speed and learning curve. Drawn through
 matplotlib's object API on the Agg canvas, so nothing touches pyplot's global state or needs a
 display."""
 
@@ -7,11 +8,12 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from os import PathLike
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import MaxNLocator, NullLocator
 
 from models.errors import InputError
 
@@ -169,4 +171,71 @@ def plot_training_curves(
         ax.set_ylabel(ylabel)
         ax.set_title(ylabel)
         ax.grid(True, alpha=0.3)
+    _save(fig, path)
+
+
+class ComparedBackbone(NamedTuple):
+    """One backbone's point in :func:`plot_accuracy_vs_throughput`."""
+
+    name: str
+    accuracy: float  #: mean over the splits
+    accuracy_std: float
+    fp32_throughput: float  #: images per second
+    int8_throughput: float | None  #: None where no INT8 graph was measured (GPU hosts)
+    served_throughput: float  #: the variant the service would serve on this host
+
+
+def plot_accuracy_vs_throughput(
+    backbones: Sequence[ComparedBackbone], pareto_front: Sequence[str], path: str | PathLike[str]
+) -> None:
+    """Mean held-out accuracy (error bar: standard deviation over the splits, capped at 1) against
+    batch-32 throughput, one colour per backbone: fp32 filled, INT8 hollow on the same accuracy;
+    the Pareto front (at the served variant's throughput) starred and joined."""
+    fig = Figure(figsize=(7.5, 4.8))
+    ax = fig.subplots()
+    for i, b in enumerate(backbones):
+        color = f"C{i}"
+        low, high = min(b.accuracy_std, b.accuracy), min(b.accuracy_std, 1.0 - b.accuracy)
+        ax.errorbar([b.fp32_throughput], [b.accuracy], yerr=[[low], [high]], fmt="o", capsize=4, color=color,
+                    label=f"{b.name} fp32")
+        if b.int8_throughput is not None:
+            ax.plot([b.fp32_throughput, b.int8_throughput], [b.accuracy, b.accuracy], color=color,
+                    linestyle=":", linewidth=1)
+            ax.plot([b.int8_throughput], [b.accuracy], marker="o", markerfacecolor="none", color=color,
+                    linestyle="none", label=f"{b.name} INT8")
+    front = sorted((b for b in backbones if b.name in pareto_front), key=lambda b: b.served_throughput)
+    if front:
+        ax.plot([b.served_throughput for b in front], [b.accuracy for b in front], color="black",
+                marker="*", markersize=12, linestyle="--", linewidth=1, label="Pareto front (served variant)")
+    ax.set_xlabel("throughput at batch 32 (images/s, onnxruntime)")
+    ax.set_ylabel("held-out accuracy (head, mean ± sd over splits)")
+    ax.set_title("accuracy against speed")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    _save(fig, path)
+
+
+def plot_learning_curve(
+    curves: Sequence[tuple[str, Sequence[Mapping[str, float]]]], path: str | PathLike[str]
+) -> None:
+    """Held-out accuracy (mean, with a band of ± one standard deviation over the draws) against
+    training images per class, on a log axis, one line per backbone. Each curve is a list of
+    rows with ``per_class``, ``accuracy_mean`` and ``accuracy_std``."""
+    fig = Figure(figsize=(7.5, 4.8))
+    ax = fig.subplots()
+    for name, rows in curves:
+        x = np.array([float(row["per_class"]) for row in rows])
+        mean = np.array([float(row["accuracy_mean"]) for row in rows])
+        std = np.array([float(row["accuracy_std"]) for row in rows])
+        (line,) = ax.plot(x, mean, marker="o", markersize=4, label=name)
+        ax.fill_between(x, mean - std, np.minimum(mean + std, 1.0), color=line.get_color(), alpha=0.15)
+    ax.set_xscale("log")
+    ticks = sorted({float(row["per_class"]) for _, rows in curves for row in rows})
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xlabel("training images per class (last point: all of them)")
+    ax.set_ylabel("held-out accuracy")
+    ax.set_title("learning curve (head on frozen embeddings)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
     _save(fig, path)

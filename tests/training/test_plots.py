@@ -1,4 +1,5 @@
-"""``training/plots.py``, unit level: the confusion matrix and training curves as PNG files."""
+"""``training/plots.py``, unit level: the confusion matrix and training curves as PNG files, and
+the backbone comparison's accuracy-against-throughput plot and learning curve."""
 
 from __future__ import annotations
 
@@ -11,7 +12,14 @@ import pytest
 
 from tests.support.reports import LABELS, assert_png
 from training.metrics import classification_metrics
-from training.plots import MAX_MATRIX_CLASSES, plot_confusion_matrix, plot_training_curves
+from training.plots import (
+    MAX_MATRIX_CLASSES,
+    ComparedBackbone,
+    plot_accuracy_vs_throughput,
+    plot_confusion_matrix,
+    plot_learning_curve,
+    plot_training_curves,
+)
 from training.report import write_report
 
 
@@ -77,3 +85,19 @@ def test_thousand_label_confusion_plot_draws_only_the_busiest_classes(
 def test_confusion_plot_rejects_wrong_shape(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="3 x 3"):
         plot_confusion_matrix([[1, 0], [0, 1]], LABELS, tmp_path / "cm.png")
+
+
+def test_accuracy_against_throughput_with_and_without_int8_points(tmp_path: Path) -> None:
+    backbones = [ComparedBackbone("lite0", 0.93, 0.02, 120.0, 260.0, 260.0),
+                 ComparedBackbone("lite2", 0.99, 0.01, 50.0, None, 50.0)]  # a GPU host: no INT8
+    plot_accuracy_vs_throughput(backbones, ["lite0", "lite2"], tmp_path / "front.png")
+    assert_png(tmp_path / "front.png")
+    plot_accuracy_vs_throughput(backbones[:1], [], tmp_path / "alone.png")
+    assert_png(tmp_path / "alone.png")
+
+
+def test_learning_curve_of_two_backbones(tmp_path: Path) -> None:
+    rows = [{"per_class": n, "accuracy_mean": acc, "accuracy_std": sd}
+            for n, acc, sd in ((1, 0.6, 0.2), (2, 0.7, 0.1), (97.5, 0.95, 0.0))]
+    plot_learning_curve([("lite0", rows), ("lite1", rows[:2])], tmp_path / "curve.png")
+    assert_png(tmp_path / "curve.png")
