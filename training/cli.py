@@ -169,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
         elif version is None:
             print(f"the store already has versions; active: {active}")
         else:
-            print(f"registered {version.version} (pretrained ImageNet classifier, {version.spec.backbone}); "
+            print(f"registered {version.version} (pretrained ImageNet classifier) on {version.spec.backbone}; "
                   f"active: {active}")
     elif args.command == "fit":
         from .pipeline import FitOptions, fit
