@@ -484,7 +484,7 @@ def write_compare_report(comparison: Comparison, report_dir: Path, *, command: s
         f"Pareto front (no other backbone is both more accurate and faster, at the served variant's batch-32 "
         f"throughput): {', '.join(front)}. Plot: [accuracy_vs_throughput.png](accuracy_vs_throughput.png).",
         "",
-        f"**Recommendation**: {comparison.recommendation.backbone or 'none'}. {comparison.recommendation.reason}.",
+        f"**Recommendation**: {comparison.recommendation.reason}.",  # it opens with the backbone, or says none
         "",
         f"Rule: {comparison.recommendation.rule}.",
     ]
