@@ -399,7 +399,10 @@ def recommend(results: Sequence[BackboneResult], max_latency_ms: float | None) -
             and best.head_accuracy.mean - r.head_accuracy.mean <= max(best.head_accuracy.std, r.head_accuracy.std)]
     chosen = min([best, *tied], key=lambda r: r.served.latency_ms)
     limit = f" within {max_latency_ms:g} ms" if max_latency_ms is not None else ""
-    if tied:
+    if len(eligible) == 1:
+        reason = (f"{chosen.backbone}: the only backbone {limit.strip() if limit else 'compared'} "
+                  f"({chosen.head_accuracy}); {chosen.served.latency_ms:.1f} ms at batch 1")
+    elif tied:
         others = [r for r in [best, *tied] if r is not chosen]
         reason = (f"{chosen.backbone}: the splits cannot separate it from "
                   + ", ".join(f"{r.backbone} ({r.head_accuracy})" for r in others)
