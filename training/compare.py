@@ -113,15 +113,16 @@ class BackboneResult:
     seconds: float = 0.0  #: reading, export, embeddings, fits, INT8, fine-tuning (timing not included)
 
     @property
-    def served(self) -> Speed:
-        """The timings of what the service would serve here (``TRANSFER_SERVE_MODEL_VARIANT=auto``):
-        INT8 on CPU when it passed its gate, fp32 otherwise."""
+    def served_variant(self) -> str:
+        """What the service would serve here (``TRANSFER_SERVE_MODEL_VARIANT=auto``): INT8 on CPU
+        when it passed its gate, fp32 otherwise."""
         passed = self.int8 is not None and self.int8_check is not None and self.int8_check["passed"]
-        return self.int8 if passed and self.int8 is not None else self.fp32
+        return "int8" if passed else "fp32"
 
     @property
-    def served_variant(self) -> str:
-        return "int8" if self.served is self.int8 else "fp32"
+    def served(self) -> Speed:
+        """The timings of the served variant."""
+        return self.int8 if self.served_variant == "int8" and self.int8 is not None else self.fp32
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "served_variant": self.served_variant}

@@ -59,6 +59,16 @@ def test_the_latency_limit_excludes_slow_backbones_and_none_may_qualify() -> Non
     assert recommend([large], max_latency_ms=None).reason.startswith("large: the only backbone compared (0.950")
 
 
+def test_the_served_variant_is_int8_only_where_it_passed_its_gate() -> None:
+    gpu = result("gpu", [0.9], latency_ms=4, throughput=200)
+    assert gpu.served_variant == "fp32" and gpu.served is gpu.fp32
+    cpu = result("cpu", [0.9], latency_ms=4, throughput=200)
+    cpu.int8, cpu.int8_check = Speed(2, 400), {"passed": True}
+    assert cpu.served_variant == "int8" and cpu.served.throughput == 400
+    cpu.int8_check = {"passed": False}
+    assert cpu.served_variant == "fp32" and cpu.served.throughput == 200
+
+
 def test_the_pareto_front_keeps_what_nothing_beats_on_both_axes() -> None:
     fast = result("fast", [0.80], latency_ms=5, throughput=300)
     middle = result("middle", [0.90], latency_ms=10, throughput=150)
