@@ -6,7 +6,6 @@ fallback; the single-node compose stack. Containers are reached only on 127.0.0.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.admin import AUTH, TOKEN, predicts, upload
+from tests.support.cli import last_json
 from tests.support.docker import (
     APP_UID,
     DOCKER,
@@ -173,7 +173,7 @@ class TestServingContainer:
                         "-v", f"{photos}:/images:ro", images.tags["trainer"],
                         "python", "-m", "training", "fit", "--data", "/images", "--activate", "--json",
                         timeout=900)
-        fitted = json.loads(result.stdout.strip().splitlines()[-1])
+        fitted = last_json(result.stdout)
         version = fitted["version"]
         assert version == "v3", fitted
         with serving.client() as http:

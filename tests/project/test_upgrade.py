@@ -18,6 +18,7 @@ import pytest
 from store.local import database
 from store.local.registry import COMPLETE_MARKER
 from store.state import State, open_state
+from tests.support.cli import last_json
 from tests.support.paths import ROOT
 from training.cli import main as cli_main
 
@@ -154,7 +155,7 @@ def test_the_upgraded_state_keeps_working(upgraded: State, tmp_path: Path) -> No
 
 def test_the_cli_lists_the_upgraded_versions(old_home: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli_main(["--home", str(old_home), "models", "--json"]) == 0
-    listing = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    listing = last_json(capsys.readouterr().out)
     assert listing["active"] == "v2"
     assert [(row["version"], row["int8"]) for row in listing["versions"]] == [
         ("v1", False), ("v2", True), ("v3", False)]

@@ -14,14 +14,11 @@ import pytest
 
 from store.local.registry import DirectoryRegistry
 from store.state import open_state
+from tests.support.cli import last_json
 from tests.support.images import jpeg_files, make_subset
 from tests.support.paths import ROOT
 from tests.support.server import subprocess_env
 from training.cli import main
-
-
-def last_json(text: str) -> dict:
-    return json.loads(text.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +141,7 @@ def test_bootstrap_cli_is_a_no_op_when_a_model_exists(bootstrapped_home: Path) -
         [sys.executable, "-m", "training", "bootstrap", "--json"],
         cwd=ROOT, env=subprocess_env(bootstrapped_home), capture_output=True, text=True, check=True,
     )
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result = last_json(out.stdout)
     assert result == {"version": None, "active": "v1", "created": False}
     assert [v.version for v in open_state(home=bootstrapped_home).registry.versions()] == ["v1"]
 
@@ -156,7 +153,7 @@ def test_cli_quantize(grey_version: tuple[DirectoryRegistry, Path], capsys: pyte
     registry, folder = grey_version
     home = str(registry.home)
     assert main(["--home", home, "models", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["versions"][0]["int8"] is False
+    assert last_json(capsys.readouterr().out)["versions"][0]["int8"] is False
     assert main(["--home", home, "quantize", "--version", "v9", "--data", str(folder)]) == 2
     assert "no model version 'v9'" in capsys.readouterr().err
     assert main(["--home", home, "quantize", "--version", "v1", "--data", str(folder),
@@ -164,10 +161,10 @@ def test_cli_quantize(grey_version: tuple[DirectoryRegistry, Path], capsys: pyte
     assert "--calibration-images must be at least 1" in capsys.readouterr().err
     assert main(["--home", home, "quantize", "--version", "v1", "--data", str(folder),
                      "--calibration-images", "4", "--json"]) == 0
-    figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    figures = last_json(capsys.readouterr().out)
     assert figures["version"] == "v1" and figures["calibration_images"] == 4 and figures["check_images"] == 4
     assert main(["--home", home, "quantize", "--version", "v1", "--data", str(folder)]) == 1
     assert "already has an INT8 variant" in capsys.readouterr().err
     assert main(["--home", home, "models", "--json"]) == 0
-    [row] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["versions"]
+    [row] = last_json(capsys.readouterr().out)["versions"]
     assert row["version"] == "v1" and row["int8"] is True

@@ -19,6 +19,7 @@ from models.preprocess import decode_image, preprocess_image
 from models.spec import ModelSpec
 from store.registry import INT8_REPORT_FILENAME, ModelRegistry, graph_exporter
 from store.state import open_state
+from tests.support.cli import last_json
 from tests.support.images import make_subset
 from tests.support.models import register_tiny
 from tests.support.stores import MAX_PIXELS
@@ -203,7 +204,7 @@ def test_a_version_whose_graph_is_already_from_dynamo_is_left_alone(
 ) -> None:
     before = [v.version for v in old.registry.versions()]
     assert main(["--home", str(old.home), "reexport", "--version", "v2", "--json"]) == 0
-    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    out = last_json(capsys.readouterr().out)
     assert out["version"] is None and out["from"] == "v2" and "already" in out["note"]
     assert [v.version for v in old.registry.versions()] == before
 
