@@ -131,6 +131,9 @@ def run_compare(args: argparse.Namespace) -> int:
             raise InputError(f"{flag} must be at least 1")
     if not 0 < args.val_fraction < 1:
         raise InputError("--val-fraction must be between 0 and 1")
+    for flag, number in (("--max-latency-ms", args.max_latency_ms), ("--timing-seconds", args.timing_seconds)):
+        if number is not None and not number > 0:
+            raise InputError(f"{flag} must be a positive number of {'milliseconds' if 'ms' in flag else 'seconds'}")
     options = CompareOptions(
         backbones=backbones, splits=args.splits, val_fraction=args.val_fraction, finetune=args.finetune,
         epochs=args.epochs, max_latency_ms=args.max_latency_ms, learning_curve=args.learning_curve,

@@ -6,7 +6,6 @@ parity check, INT8 (Lite0's and their bootstraps' real-photo tests: ``test_pipel
 
 from __future__ import annotations
 
-import json
 import pickle
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import pytest
 import torch
 
 from store.state import open_state
+from tests.support.cli import last_json
 from tests.support.images import make_subset
 from training.backbones import (
     OFFLINE_BACKBONES,
@@ -84,10 +84,6 @@ def test_offline_backbones_are_found_by_either_name_and_a_missing_package_says_w
         offline_weights_file(missing)
 
 
-def last_json(text: str) -> dict:
-    return json.loads(text.strip().splitlines()[-1])
-
-
 @pytest.mark.parametrize("strategy", ["head", "finetune"])
 @pytest.mark.parametrize("backbone,input_size", [("efficientnet_lite1", 240), ("efficientnet_lite2", 260)])
 def test_fit_export_and_int8_work_with_the_larger_backbones(
@@ -111,3 +107,12 @@ def test_fit_export_and_int8_work_with_the_larger_backbones(
     quantized = last_json(capsys.readouterr().out)
     assert quantized["check_images"] == 8 and quantized["int8_accuracy"] >= quantized["fp32_accuracy"] - 0.005
     assert open_state(home=home).registry.get(result["version"]).has_int8()
+
+
+def test_bootstrap_refuses_a_backbone_that_is_not_offline(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["--home", str(tmp_path / "home"), "bootstrap", "--backbone", "resnet50"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "invalid choice: 'resnet50'" in err and "efficientnet_lite2" in err
+    assert not (tmp_path / "home" / "versions").exists()

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from tests.support.cli import last_json
 from tests.support.images import make_subset
 from tests.support.reports import assert_png
 from training.backbones import OFFLINE_BACKBONES
@@ -100,7 +102,7 @@ def test_compare_every_backbone_on_a_small_subset(hymenoptera: Path, tmp_path: P
     args = ["compare", "--data", str(data), "--splits", "2", "--learning-curve", "--curve-draws", "2",
             "--timing-seconds", "0.2", "--timing-rounds", "2", "--report-dir", str(report)]
     assert main([*args, "--json"]) == 0
-    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    out = last_json(capsys.readouterr().out)
     assert [r["backbone"] for r in out["results"]] == list(OFFLINE_BACKBONES)
     assert out["images"] == 24 and out["classes"] == ["ants", "bees"] and out["splits"] == 2
     assert out["timing_rounds"] == 2
@@ -140,10 +142,26 @@ def test_compare_every_backbone_on_a_small_subset(hymenoptera: Path, tmp_path: P
     (["--backbones", "resnet50"], "--backbones: unknown resnet50"),
     (["--splits", "0"], "--splits must be at least 1"),
     (["--val-fraction", "1.5"], "--val-fraction must be between 0 and 1"),
+    (["--max-latency-ms", "0"], "--max-latency-ms must be a positive number of milliseconds"),
+    (["--timing-seconds", "-1"], "--timing-seconds must be a positive number of seconds"),
 ])
 def test_bad_compare_arguments_exit_2_and_say_what_to_fix(
     args: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert main(["compare", "--data", str(tmp_path), *args, "--report-dir", str(tmp_path / "r")]) == 2
     assert message in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.slow
+def test_unusable_data_exits_2_and_says_why(hymenoptera: Path, tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "missing"
+    assert main(["compare", "--data", str(missing), "--report-dir", str(tmp_path / "r")]) == 2
+    assert f"{missing}: no such directory or CSV manifest" in capsys.readouterr().err
+    one_class = make_subset(hymenoptera, tmp_path / "one", per_class=3)
+    shutil.rmtree(one_class / "bees")
+    assert main(["compare", "--data", str(one_class), "--backbones", "efficientnet_lite0",
+                 "--report-dir", str(tmp_path / "r")]) == 2
+    assert "only one class (ants); a classifier needs at least two" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
