@@ -210,6 +210,14 @@ class ModelRuntime:
             log.warning("no model version is loaded from %s yet; run `python -m training bootstrap` (in the "
                         "trainer image, on the same state) if none is active. Not ready until one is.",
                         self.settings.home)
+        if self._loaded is not None:
+            # announce what this replica serves before it says it is ready: a replica that answers
+            # predictions is listed in GET /admin/models at once, not one watcher round later
+            # (until then a stopped replica's record under the same id would still be shown)
+            try:
+                self._heartbeat()
+            except Exception as exc:  # noqa: BLE001 - the watcher reports again
+                log.warning("cannot report what this replica serves yet (%s); retrying", exc)
         self._watcher = threading.Thread(target=self._watch, name="model-watcher", daemon=True)
         self._watcher.start()
 

@@ -185,6 +185,18 @@ def test_fp16_is_converted_at_load_named_and_close_to_fp32(
 # -- falling back from a corrupted active version -----------------------------------------------
 
 
+# -- what the replica reports -------------------------------------------------------------------
+
+def test_a_started_worker_is_listed_with_what_it_serves_before_the_watcher_reports(tmp_path: Path) -> None:
+    registry = registry_with(tmp_path, 2)
+    registry.report_serving("host:3000", "v2", "fp32")  # a stopped replica's record under the same id
+    runtime = tiny_runtime(registry, replica_id="host:3000")
+    runtime.poll_seconds = 3600
+    runtime.start()  # the watcher's first round is an hour away: start() itself reports
+    [replica] = registry.replicas()
+    assert (replica.id, replica.version, replica.variant) == ("host:3000", "v1", "fp32")
+
+
 def errors_logged(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.levelname == "ERROR" and r.name == "service.runtime"]
 
