@@ -20,6 +20,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 JobState = Literal["queued", "running", "succeeded", "rejected", "failed"]
+#: retrain: a new head from the labelled images; adapt: the head aligned with unlabelled images
+JobKind = Literal["retrain", "adapt"]
 FINAL_STATES: tuple[JobState, ...] = ("succeeded", "rejected", "failed")
 
 #: A job that was created but whose process has not reported yet is left alone this long by
@@ -33,6 +35,7 @@ class Job(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     id: str = Field(description="job id (32 hex digits)")
+    kind: JobKind = Field("retrain", description="retrain (POST /admin/retrain) or adapt (POST /admin/adapt)")
     state: JobState
     phase: str = Field(description="what the job is doing now (queued, starting, embedding, fitting, ...)")
     progress: float = Field(ge=0.0, le=1.0)
@@ -61,7 +64,7 @@ class JobStore(ABC):
     """The job records of a deployment."""
 
     @abstractmethod
-    def create(self, params: Mapping[str, Any], parent: str | None) -> Job:
+    def create(self, params: Mapping[str, Any], parent: str | None, kind: JobKind = "retrain") -> Job:
         """Insert a queued job, or raise :class:`JobConflict` if one is queued or running."""
 
     @abstractmethod

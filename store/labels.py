@@ -42,6 +42,17 @@ class ImageNotFoundError(InputError, LookupError):
     """No stored image has that id (or the id is not a sha256 hex digest at all)."""
 
 
+def validate_domain(domain: str | None) -> str | None:
+    """Return ``domain`` (a tag naming where images come from: a camera, a site) if it follows the
+    naming rules of labels, else raise :class:`InvalidLabelError` saying which rule it breaks."""
+    if domain is None:
+        return None
+    try:
+        return validate_label(domain)
+    except InvalidLabelError as exc:
+        raise InvalidLabelError("domain: " + str(exc).replace("label", "name")) from None
+
+
 def validate_label(label: str) -> str:
     """Return ``label`` if it is a valid label, else raise :class:`InvalidLabelError` saying
     which rule it breaks.
@@ -126,23 +137,26 @@ class AddResult:
 
 @dataclass(frozen=True)
 class LabelledImage:
-    """One stored image: its id (sha256 hex) and label."""
+    """One stored image: its id (sha256 hex), label and domain tag (None: untagged)."""
 
     image_id: str
     label: str
+    domain: str | None = None
 
 
 class LabelStore(ABC):
     """Labelled images. Safe to use from many threads and processes at once."""
 
-    def add(self, data: bytes, label: str, *, max_pixels: int) -> AddResult:
+    def add(self, data: bytes, label: str, *, max_pixels: int, domain: str | None = None) -> AddResult:
         """:func:`check_image` then :meth:`add_many` of one image."""
-        return self.add_many([check_image(data, max_pixels=max_pixels)], label)[0]
+        return self.add_many([check_image(data, max_pixels=max_pixels)], label, domain)[0]
 
     @abstractmethod
-    def add_many(self, images: Sequence[CheckedImage], label: str) -> list[AddResult]:
+    def add_many(self, images: Sequence[CheckedImage], label: str, domain: str | None = None) -> list[AddResult]:
         """Store images under ``label``, deduplicated by content, all or none. The same bytes
-        twice in ``images`` are one image (the second is ``"unchanged"``).
+        twice in ``images`` are one image (the second is ``"unchanged"``). A ``domain`` tags the
+        images (an image keeps the last domain it was uploaded with; an upload without one leaves
+        it as it was): labelled images of a domain judge versions adapted to it.
 
         Raises:
             InvalidLabelError: the label breaks the naming rules.
@@ -161,6 +175,15 @@ class LabelStore(ABC):
     @abstractmethod
     def images(self) -> list[LabelledImage]:
         """Every stored image, ordered by id."""
+
+    def domain_counts(self) -> dict[str, dict[str, int]]:
+        """Number of images per label of each domain tag, domains and labels in sorted order."""
+        counts: dict[str, dict[str, int]] = {}
+        for image in self.images():
+            if image.domain is not None:
+                per_label = counts.setdefault(image.domain, {})
+                per_label[image.label] = per_label.get(image.label, 0) + 1
+        return {domain: dict(sorted(per_label.items())) for domain, per_label in sorted(counts.items())}
 
     @abstractmethod
     def read(self, image_id: str) -> bytes:

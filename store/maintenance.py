@@ -84,7 +84,7 @@ def copy_home(source_home: Path, target: SharedBackend, *, dry_run: bool = False
             "unchanged" if existing[image.image_id] == image.label else "moved")
         summary.labels[status] = summary.labels.get(status, 0) + 1
         if not dry_run and status != "unchanged":
-            labels.add(source.labels.read(image.image_id), image.label, max_pixels=10**9)
+            labels.add(source.labels.read(image.image_id), image.label, max_pixels=10**9, domain=image.domain)
     summary.embeddings = _copy_embeddings(source_home, target, dry_run)
     _copy_jobs(source, target, summary, dry_run)
     log.info("%s", summary.describe())
@@ -141,11 +141,11 @@ def _copy_jobs(source: State, target: SharedBackend, summary: CopySummary, dry_r
             summary.jobs_copied += 1
             if not dry_run:
                 conn.execute(
-                    "INSERT INTO jobs (id, state, phase, progress, params, metrics, version, parent, error, pid,"
-                    " replica, lease_until, created_at, updated_at, finished_at)"
-                    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, NULL, %s, now(), %s, %s, %s)"
+                    "INSERT INTO jobs (id, kind, state, phase, progress, params, metrics, version, parent, error,"
+                    " pid, replica, lease_until, created_at, updated_at, finished_at)"
+                    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, NULL, %s, now(), %s, %s, %s)"
                     " ON CONFLICT (id) DO NOTHING",
-                    (job.id, job.state, job.phase, job.progress, Jsonb(job.params or {}),
+                    (job.id, job.kind, job.state, job.phase, job.progress, Jsonb(job.params or {}),
                      Jsonb(job.metrics) if job.metrics is not None else None, job.version, job.parent, job.error,
                      "copied from a single-machine home", job.created_at, job.updated_at, job.finished_at))
 

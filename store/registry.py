@@ -34,7 +34,8 @@ from typing import Any, Protocol
 import numpy as np
 
 from models.errors import ModelError, VersionNotFoundError
-from models.onnx_io import check_onnx_contract
+from models.onnx_io import check_onnx_contract, read_head
+from models.retrain import ParentModel
 from models.spec import SPEC_FILENAME, ModelSpec
 
 from .files import sha256_file
@@ -386,6 +387,14 @@ class ModelRegistry(ABC):
     @abstractmethod
     def replicas(self) -> list[ReplicaStatus]:
         """The replicas heard from within :data:`REPLICA_TIMEOUT_S`, by id."""
+
+
+def parent_model(version: ModelVersion) -> ParentModel:
+    """What a job that starts from ``version`` needs of it: labels, head, training embeddings."""
+    embeddings, targets = version.training_embeddings()
+    weight, bias = read_head(version.onnx_path)
+    return ParentModel(version.version, version.spec.labels, weight, bias, embeddings, targets,
+                       version.training_hashes())
 
 
 def check_new_version(spec: ModelSpec, onnx_file: Path, embeddings: np.ndarray, targets: np.ndarray,

@@ -23,6 +23,7 @@ from ..jobs import (
     ORPHAN_ERROR,
     Job,
     JobConflict,
+    JobKind,
     JobStore,
     pid_alive,
     remove_scratch,
@@ -73,7 +74,7 @@ class SqliteJobStore(JobStore):
         rows = self._select("SELECT * FROM jobs WHERE id = ?", (job_id,))
         return self._job(rows[0]) if rows else None
 
-    def create(self, params: Mapping[str, Any], parent: str | None) -> Job:
+    def create(self, params: Mapping[str, Any], parent: str | None, kind: JobKind = "retrain") -> Job:
         self.fail_orphans()
         job_id = uuid.uuid4().hex
         now = _now()
@@ -85,9 +86,9 @@ class SqliteJobStore(JobStore):
             if row is not None:
                 raise JobConflict(self._job(row))
             conn.execute(
-                "INSERT INTO jobs (id, state, phase, progress, params, parent, created_at, updated_at) "
-                "VALUES (?, 'queued', 'queued', 0, ?, ?, ?, ?)",
-                (job_id, json.dumps(dict(params)), parent, now, now),
+                "INSERT INTO jobs (id, kind, state, phase, progress, params, parent, created_at, updated_at) "
+                "VALUES (?, ?, 'queued', 'queued', 0, ?, ?, ?, ?)",
+                (job_id, kind, json.dumps(dict(params)), parent, now, now),
             )
         job = self.get(job_id)
         if job is None:  # only if the database lost a committed row

@@ -28,6 +28,7 @@ from ..labels import (
     LabelledImage,
     LabelStore,
     is_image_id,
+    validate_domain,
     validate_label,
 )
 from .database import Database
@@ -70,10 +71,11 @@ class SqliteLabelStore(LabelStore):
 
     # -- writing ------------------------------------------------------------------------------
 
-    def add_many(self, images: Sequence[CheckedImage], label: str) -> list[AddResult]:
+    def add_many(self, images: Sequence[CheckedImage], label: str, domain: str | None = None) -> list[AddResult]:
         """See :meth:`LabelStore.add_many`. If any image cannot be written, no row is committed
         and no file this call wrote is left behind."""
         validate_label(label)
+        validate_domain(domain)
         checked = list(images)
         written: set[str] = set()  # image ids whose file this call created
         try:
@@ -91,8 +93,8 @@ class SqliteLabelStore(LabelStore):
                     # committed.
                     if self._write_file(self.path_of(image.image_id), image.data):
                         written.add(image.image_id)
-                    results.append(self._upsert(conn, image.image_id, label, len(image.data), image.width,
-                                                image.height, now))
+                    results.append(self._upsert(conn, image.image_id, label, domain, len(image.data),
+                                                image.width, image.height, now))
         except Exception as exc:
             failure = storage_failure(exc, "storing the labelled image" + ("s" if len(checked) > 1 else ""))
             self._remove_unreferenced(written)
@@ -109,16 +111,18 @@ class SqliteLabelStore(LabelStore):
         return results
 
     @staticmethod
-    def _upsert(conn: sqlite3.Connection, image_id: str, label: str, size: int, width: int, height: int,
-                now: str) -> AddResult:
+    def _upsert(conn: sqlite3.Connection, image_id: str, label: str, domain: str | None, size: int, width: int,
+                height: int, now: str) -> AddResult:
         row = conn.execute("SELECT label FROM images WHERE id = ?", (image_id,)).fetchone()
         if row is None:
             conn.execute(
-                "INSERT INTO images (id, label, size, width, height, created_at, updated_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (image_id, label, size, width, height, now, now),
+                "INSERT INTO images (id, label, domain, size, width, height, created_at, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (image_id, label, domain, size, width, height, now, now),
             )
             return AddResult(image_id, label, "stored", None, width, height)
+        if domain is not None:
+            conn.execute("UPDATE images SET domain = ? WHERE id = ?", (domain, image_id))
         if row[0] == label:
             return AddResult(image_id, label, "unchanged", None, width, height)
         conn.execute("UPDATE images SET label = ?, updated_at = ? WHERE id = ?", (label, now, image_id))
@@ -195,8 +199,8 @@ class SqliteLabelStore(LabelStore):
         return {label: int(n) for label, n in rows}
 
     def images(self) -> list[LabelledImage]:
-        rows = self._query("SELECT id, label FROM images ORDER BY id")
-        return [LabelledImage(image_id, label) for image_id, label in rows]
+        rows = self._query("SELECT id, label, domain FROM images ORDER BY id")
+        return [LabelledImage(image_id, label, domain) for image_id, label, domain in rows]
 
     def read(self, image_id: str) -> bytes:
         path = self.path_of(image_id)

@@ -89,6 +89,10 @@ MIGRATIONS: tuple[Migration, ...] = (
             last_seen TIMESTAMPTZ NOT NULL
         )""",
     )),
+    Migration(2, "a domain tag per labelled image; a kind per job (retrain, adapt)", (
+        "ALTER TABLE images ADD COLUMN domain TEXT",
+        "ALTER TABLE jobs ADD COLUMN kind TEXT NOT NULL DEFAULT 'retrain'",
+    )),
 )
 
 

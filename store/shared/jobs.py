@@ -17,13 +17,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from ..jobs import LAUNCH_GRACE_S, ORPHAN_ERROR, Job, JobConflict, JobStore, pid_alive, remove_scratch
+from ..jobs import LAUNCH_GRACE_S, ORPHAN_ERROR, Job, JobConflict, JobKind, JobStore, pid_alive, remove_scratch
 from .database import PostgresDatabase
 
 log = logging.getLogger(__name__)
 
 _ACTIVE = "state IN ('queued', 'running')"
-_COLUMNS = ("id, state, phase, progress, params, metrics, version, parent, error, pid, created_at, updated_at, "
+_COLUMNS = ("id, kind, state, phase, progress, params, metrics, version, parent, error, pid, created_at, updated_at, "
             "finished_at")
 
 
@@ -60,7 +60,7 @@ class PostgresJobStore(JobStore):
             row = conn.execute(f"SELECT {_COLUMNS} FROM jobs WHERE id = %s", (job_id,)).fetchone()  # noqa: S608
         return Job.model_validate(row) if row else None
 
-    def create(self, params: Mapping[str, Any], parent: str | None) -> Job:
+    def create(self, params: Mapping[str, Any], parent: str | None, kind: JobKind = "retrain") -> Job:
         import psycopg
         from psycopg.types.json import Jsonb
 
@@ -69,10 +69,10 @@ class PostgresJobStore(JobStore):
         try:
             with self.database.connect() as conn:
                 conn.execute(
-                    "INSERT INTO jobs (id, state, phase, progress, params, parent, replica, lease_until, created_at,"
-                    " updated_at) VALUES (%s, 'queued', 'queued', 0, %s, %s, %s,"
+                    "INSERT INTO jobs (id, kind, state, phase, progress, params, parent, replica, lease_until,"
+                    " created_at, updated_at) VALUES (%s, %s, 'queued', 'queued', 0, %s, %s, %s,"
                     " now() + make_interval(secs => %s), %s, %s)",
-                    (job_id, Jsonb(dict(params)), parent, self.replica, self.lease_s, now, now))
+                    (job_id, kind, Jsonb(dict(params)), parent, self.replica, self.lease_s, now, now))
         except psycopg.errors.UniqueViolation:
             with self.database.connect() as conn:
                 row = conn.execute(f"SELECT {_COLUMNS} FROM jobs WHERE {_ACTIVE}").fetchone()  # noqa: S608

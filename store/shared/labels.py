@@ -14,7 +14,16 @@ import logging
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
-from ..labels import AddResult, CheckedImage, ImageNotFoundError, LabelledImage, LabelStore, is_image_id, validate_label
+from ..labels import (
+    AddResult,
+    CheckedImage,
+    ImageNotFoundError,
+    LabelledImage,
+    LabelStore,
+    is_image_id,
+    validate_domain,
+    validate_label,
+)
 from .database import PostgresDatabase
 from .objects import ObjectNotFound, ObjectStore
 
@@ -30,18 +39,21 @@ class PostgresLabelStore(LabelStore):
         self.database = database
         self.objects = objects
 
-    def add_many(self, images: Sequence[CheckedImage], label: str) -> list[AddResult]:
+    def add_many(self, images: Sequence[CheckedImage], label: str, domain: str | None = None) -> list[AddResult]:
         validate_label(label)
+        validate_domain(domain)
         now = datetime.now(UTC).isoformat()
         results = []
         with self.database.transaction() as conn:
             for image in images:
                 row = conn.execute(
-                    "INSERT INTO images AS i (id, label, size, width, height, created_at, updated_at)"
-                    " VALUES (%s, %s, %s, %s, %s, %s, %s)"
-                    " ON CONFLICT (id) DO UPDATE SET updated_at = i.updated_at"  # a no-op that takes the row lock
+                    "INSERT INTO images AS i (id, label, domain, size, width, height, created_at, updated_at)"
+                    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
+                    # takes the row lock; a new domain tag replaces the old one, none leaves it
+                    " ON CONFLICT (id) DO UPDATE SET domain = COALESCE(EXCLUDED.domain, i.domain)"
                     " RETURNING label, (xmax = 0) AS inserted",
-                    (image.image_id, label, len(image.data), image.width, image.height, now, now)).fetchone()
+                    (image.image_id, label, domain, len(image.data), image.width, image.height, now,
+                     now)).fetchone()
                 if row["inserted"]:
                     results.append(AddResult(image.image_id, label, "stored", None, image.width, image.height))
                 elif row["label"] == label:
@@ -74,8 +86,8 @@ class PostgresLabelStore(LabelStore):
 
     def images(self) -> list[LabelledImage]:
         with self.database.connect() as conn:
-            rows = conn.execute("SELECT id, label FROM images ORDER BY id").fetchall()
-        return [LabelledImage(row["id"], row["label"]) for row in rows]
+            rows = conn.execute("SELECT id, label, domain FROM images ORDER BY id").fetchall()
+        return [LabelledImage(row["id"], row["label"], row["domain"]) for row in rows]
 
     def read(self, image_id: str) -> bytes:
         if not is_image_id(image_id):

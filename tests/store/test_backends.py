@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from models.errors import ModelError, VersionNotFoundError
 from store.errors import StoreUnavailable
 from store.jobs import JobConflict
-from store.labels import check_image
+from store.labels import InvalidLabelError, check_image
 from store.maintenance import copy_home, prune_versions, seed_registry
 from store.settings import StoreSettings
 from store.shared import SharedBackend
@@ -108,6 +108,38 @@ def test_labels_written_by_one_replica_are_read_by_the_other(deployment: dict[st
     assert a.labels.read(moved.image_id) == png(1)
     assert b.labels.delete(moved.image_id) and not a.labels.delete(moved.image_id)
     assert [image.label for image in a.labels.images()] == ["ants"]
+
+
+@parametrized
+def test_a_domain_tag_is_kept_replaced_by_a_new_one_and_left_by_an_upload_without_one(
+    deployment: dict[str, object], tmp_path: Path
+) -> None:
+    a, b = replica(deployment, tmp_path, "a"), replica(deployment, tmp_path, "b")
+    if "home" in deployment:
+        b = a
+    night = a.labels.add(png(11), "ants", max_pixels=10**6, domain="night camera")
+    a.labels.add(png(12), "bees", max_pixels=10**6)
+    assert night.status == "stored"
+    assert {i.image_id: i.domain for i in b.labels.images()} == {night.image_id: "night camera",
+                                                                  check_image(png(12), max_pixels=10**6).image_id: None}
+    assert b.labels.domain_counts() == {"night camera": {"ants": 1}}
+    assert b.labels.add(png(11), "ants", max_pixels=10**6).status == "unchanged"  # no domain: the tag stays
+    assert a.labels.domain_counts() == {"night camera": {"ants": 1}}
+    moved = b.labels.add(png(11), "bees", max_pixels=10**6, domain="fog")  # a new tag replaces the old
+    assert moved.status == "moved" and a.labels.domain_counts() == {"fog": {"bees": 1}}
+    with pytest.raises(InvalidLabelError, match="domain: .*name 'a/b' may only contain"):
+        a.labels.add(png(13), "ants", max_pixels=10**6, domain="a/b")
+    assert a.labels.counts() == {"bees": 2}  # the refused upload stored nothing
+
+
+@parametrized
+def test_a_job_records_its_kind(deployment: dict[str, object], tmp_path: Path) -> None:
+    state = replica(deployment, tmp_path, "a")
+    adapt = state.jobs.create({"method": "diagonal"}, "v1", kind="adapt")
+    assert adapt.kind == "adapt" and state.jobs.get(adapt.id).kind == "adapt"  # type: ignore[union-attr]
+    state.jobs.mark_running(adapt.id, 0)
+    state.jobs.finish(adapt.id, "rejected", "v2", {})
+    assert state.jobs.create({}, "v1").kind == "retrain"
 
 
 @parametrized
