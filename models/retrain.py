@@ -25,13 +25,18 @@ from .head import HeadParams, LinearHead, fit_linear_head
 HELD_OUT_FRACTION = 0.2
 
 
-class RetrainParams(BaseModel):
-    """Optional JSON body of ``POST /admin/retrain``."""
+class GateParams(BaseModel):
+    """What the promotion gate (:func:`promotion_gate`) is told by a job's caller."""
 
     model_config = ConfigDict(extra="forbid")
 
     force: bool = Field(False, description="activate the new version even if it is worse")
     tolerance: float = Field(0.0, ge=0.0, le=1.0, description="accuracy the new version may lose and still go live")
+
+
+class RetrainParams(GateParams):
+    """Optional JSON body of ``POST /admin/retrain``."""
+
     steps: int = Field(300, ge=10, le=5000, description="head optimisation steps")
     learning_rate: float = Field(0.05, gt=0.0, le=1.0)
     l2: float = Field(1e-3, ge=0.0, le=10.0, description="L2 regularisation of the head")
@@ -105,16 +110,17 @@ def split_held_out(labels_by_id: Mapping[str, str]) -> tuple[list[str], list[str
 
 
 def promotion_gate(candidate_accuracy: float, active_accuracy: float, held_out: int,
-                   params: RetrainParams) -> tuple[bool, str]:
+                   params: GateParams, judged_on: str = "held-out images") -> tuple[bool, str]:
     """Whether the new version goes live, and why: it may lose at most ``tolerance`` of the
-    active version's held-out accuracy (``force`` overrides; without held-out images only
-    ``force`` promotes)."""
+    active version's accuracy on the ``held_out`` images both are judged on (``force``
+    overrides; without such images only ``force`` promotes). ``judged_on`` names those images
+    in the reason."""
     if not held_out:
-        promote, reason = params.force, "no held-out images to compare on"
+        promote, reason = params.force, f"no {judged_on} to compare on"
     else:
         promote = params.force or candidate_accuracy >= active_accuracy - params.tolerance
         reason = (f"candidate accuracy {candidate_accuracy:.4f} vs active {active_accuracy:.4f} "
-                  f"(tolerance {params.tolerance}) on {held_out} held-out images")
+                  f"(tolerance {params.tolerance}) on {held_out} {judged_on}")
     return promote, reason + (" (forced)" if params.force else "")
 
 

@@ -15,6 +15,7 @@ import asyncio
 import functools
 import hmac
 import logging
+from collections.abc import Callable
 from enum import Enum
 from typing import Annotated, Any
 
@@ -25,14 +26,17 @@ from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
 from starlette.routing import Match
 
+from models.adapt import MIN_TARGET_IMAGES, AdaptParams, AdaptRefused, AlignmentMethod, check_adaptable
 from models.errors import InputError, ModelError, VersionNotFoundError
 from models.preprocess import SUPPORTED_FORMATS
 from models.retrain import RetrainParams, RetrainRefused
 from store.errors import BACKEND_ERRORS, StorageError, StoreUnavailable, storage_failure
-from store.jobs import Job, JobConflict
-from store.labels import LABEL_PATTERN, MAX_LABEL_LENGTH, CheckedImage, check_image, validate_label
+from store.jobs import Job, JobConflict, JobKind
+from store.labels import LABEL_PATTERN, MAX_LABEL_LENGTH, CheckedImage, check_image, validate_domain, validate_label
+from store.registry import parent_model
 from store.state import State
 
+from .adapt import save_targets
 from .errors import GUARDED, ApiError, Error, Send, api_error, documented, routing_error, send_error
 from .jobs import launch, retrainable_parent
 from .limits import display_name
@@ -156,7 +160,8 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     detail = [{"loc": [part for part in error.get("loc", ()) if part != "body"], "msg": error.get("msg"),
                "type": error.get("type")} for error in errors]
     what = "retrain parameters" if request.url.path.endswith("/retrain") else "request"
-    return ApiError(422, f"invalid {what}", detail=detail).response()
+    problems = "; ".join(f"{'.'.join(map(str, d['loc'])) or 'body'}: {d['msg']}" for d in detail)
+    return ApiError(422, f"invalid {what}: {problems}", detail=detail).response()
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
@@ -219,6 +224,10 @@ def create_admin_app(settings: Settings, state: State) -> FastAPI:
         description="the images' class: 1-64 ASCII letters, digits, space, '-', '_', '.'; no leading or trailing "
                     "space; not '.' or '..' (422 otherwise)",
         json_schema_extra={"minLength": 1, "maxLength": MAX_LABEL_LENGTH, "pattern": LABEL_PATTERN})
+    domain_field = Form(
+        description="optional domain tag (where the images come from: a camera, a site), named as labels are; "
+                    "labelled images of a domain judge versions adapted to it (POST /admin/adapt)",
+        json_schema_extra={"minLength": 1, "maxLength": MAX_LABEL_LENGTH, "pattern": LABEL_PATTERN})
 
     @app.post("/labels", operation_id="admin_add_labels", summary="Label images", tags=TAGS,
               response_model=LabelsStored, response_model_exclude_unset=True,
@@ -230,27 +239,35 @@ def create_admin_app(settings: Settings, state: State) -> FastAPI:
                                            "field other than `images`, or text in `images`",
                                       s422="Missing or invalid label, or a file that is not a readable image")})
     async def add_labels(label: Annotated[str, label_field],
-                         images: Annotated[list[UploadFile], images_field]) -> LabelsStored:
+                         images: Annotated[list[UploadFile], images_field],
+                         domain: Annotated[str | None, domain_field] = None) -> LabelsStored:
         try:
             validate_label(label)
+            validate_domain(domain)
         except InputError as exc:
             raise api_error(exc) from None
+        names, checked = await _checked_uploads(images)
+        results = await _store_labels(checked, label, domain)
+        counts = await asyncio.to_thread(state.labels.counts)
+        return LabelsStored(stored=[StoredImage.of(result, name) for name, result in zip(names, results, strict=True)],
+                            counts=counts)
+
+    async def _checked_uploads(images: list[UploadFile]) -> tuple[list[str], list[CheckedImage]]:
+        """Every upload decoded and within the pixel limit (a 422 naming the first that is not),
+        with its display name: all are checked before any is used."""
         names, checked = [], []
-        for index, upload in enumerate(images):  # all checked before any is stored
+        for index, upload in enumerate(images):
             names.append(display_name(upload.filename or f"image-{index}"))
             data = await upload.read()
             try:
                 checked.append(await asyncio.to_thread(check_image, data, max_pixels=settings.max_pixels))
             except InputError as exc:
                 raise api_error(exc, image=index, filename=names[-1]) from None
-        results = await _store_labels(checked, label)
-        counts = await asyncio.to_thread(state.labels.counts)
-        return LabelsStored(stored=[StoredImage.of(result, name) for name, result in zip(names, results, strict=True)],
-                            counts=counts)
+        return names, checked
 
-    async def _store_labels(checked: list[CheckedImage], label: str) -> Any:
+    async def _store_labels(checked: list[CheckedImage], label: str, domain: str | None) -> Any:
         try:  # all or none: a write the state directory cannot take leaves nothing behind
-            return await asyncio.to_thread(state.labels.add_many, checked, label)
+            return await asyncio.to_thread(state.labels.add_many, checked, label, domain)
         except StorageError as exc:  # disk full, read-only volume: the operator must act
             raise storage_error(exc, f"none of the {len(checked)} image(s) of this request was stored") from None
 
@@ -270,7 +287,7 @@ def create_admin_app(settings: Settings, state: State) -> FastAPI:
             log.warning("GET /admin/labels: %s", exc)
             active, pending = None, None
         return LabelSummary(counts=counts, total=sum(counts.values()), not_in_active_model=pending,
-                            active_version=active)
+                            active_version=active, domains=await asyncio.to_thread(state.labels.domain_counts))
 
     @app.delete("/labels/{image_id}", operation_id="admin_delete_label", summary="Delete a labelled image",
                 tags=TAGS, response_model=LabelDeleted,
@@ -291,43 +308,97 @@ def create_admin_app(settings: Settings, state: State) -> FastAPI:
                                                           "one class, a label with fewer than 2 images)")})
     async def start_retrain(params: Annotated[RetrainParams | None, Body()] = None) -> Job:
         params = params or RetrainParams()
+        return await _start_job("retrain", params.model_dump(),
+                                lambda: retrainable_parent(state.registry, state.labels).version)
+
+    async def _start_job(kind: JobKind, params: dict[str, Any], parent_of: Callable[[], str],
+                         prepare: Callable[[str], None] | None = None) -> Job:
+        """Choose the job's parent version (422 with the reason if the job cannot run, 409 if
+        the active version is damaged), create the job (409 if one is queued or running),
+        ``prepare`` its files, start its process; a write the state cannot take fails the job
+        with the reason (507)."""
         try:
-            parent = await asyncio.to_thread(retrainable_parent, state.registry, state.labels)
-            job = await asyncio.to_thread(state.jobs.create, params.model_dump(), parent.version)
-        except RetrainRefused as exc:
+            parent = await asyncio.to_thread(parent_of)
+            job = await asyncio.to_thread(state.jobs.create, params, parent, kind)
+        except (RetrainRefused, AdaptRefused) as exc:
             raise api_error(exc) from None
+        except ModelError as exc:  # the active version is damaged: nothing to start from
+            raise ApiError(409, f"cannot {kind} from the active model version: {exc}; activate a good version "
+                                "(GET /admin/models) and retry") from None
         except JobConflict as exc:
             raise ApiError(409, str(exc), job=exc.job.model_dump()) from None
-        except ModelError as exc:  # the active version is damaged: nothing to retrain from
-            raise ApiError(409, f"cannot retrain from the active model version: {exc}; activate a good version "
-                                "(GET /admin/models) and retry") from None
         except STATE_ERRORS as exc:  # a write the state cannot take is the operator's
-            failure = storage_failure(exc, "starting the retrain job")
+            failure = storage_failure(exc, f"starting the {kind} job")
             if failure is None:
                 raise
             raise storage_error(failure, "no job was started") from None
         try:
+            if prepare is not None:
+                await asyncio.to_thread(prepare, job.id)
             pid = launch(state.jobs, settings.home, job.id)
-        except OSError as exc:  # the job's log file cannot be created (or no process can start)
-            failure = storage_failure(exc, "starting the retrain job")
-            reason = str(failure or f"the retrain process could not be started: {exc}")
+        except OSError as exc:  # its files or log cannot be written (or no process can start)
+            failure = storage_failure(exc, f"starting the {kind} job")
+            reason = str(failure or f"the {kind} process could not be started: {exc}")
             try:
                 await asyncio.to_thread(state.jobs.fail, job.id, reason)
             except BACKEND_ERRORS:
-                log.warning("could not mark retrain job %s failed (%s)", job.id, reason)
+                log.warning("could not mark %s job %s failed (%s)", kind, job.id, reason)
             if failure is None:
                 raise
             raise storage_error(failure, f"job {job.id} did not start (it is marked failed)") from None
         try:
             await asyncio.to_thread(state.jobs.set_pid, job.id, pid)
         except BACKEND_ERRORS as exc:
-            failure = storage_failure(exc, "recording the retrain job's process")
+            failure = storage_failure(exc, f"recording the {kind} job's process")
             if failure is None:
                 raise
             # the job cannot record its progress either: it fails, and is marked failed once gone
             raise storage_error(failure, f"job {job.id} cannot run and will be marked failed") from None
-        log.info("retrain job %s started (pid %d)", job.id, pid)
+        log.info("%s job %s started (pid %d)", kind, job.id, pid)
         return await asyncio.to_thread(state.jobs.get, job.id) or job
+
+    @app.post("/adapt", operation_id="admin_start_adapt", summary="Adapt to a new image domain without labels",
+              tags=TAGS, status_code=202, response_model=Job,
+              responses={202: {"description": "The job, queued", "links": {
+                  "GetAdaptJob": {"operationId": "admin_get_job", "parameters": {"job_id": "$response.body#/id"}}}},
+                         409: {"model": Error, "description": "A job is already queued or running (it is in `job`), "
+                                                              "or the active version is damaged"},
+                         **documented(*GUARDED, 422,
+                                      s400="Malformed multipart body; no images; an empty file; a file in a "
+                                           "field other than `images`, or text in `images`",
+                                      s422=f"Fewer than {MIN_TARGET_IMAGES} different images, a file that is not a "
+                                           "readable image, invalid parameters, no active version or one without "
+                                           "training embeddings")})
+    async def start_adapt(images: Annotated[list[UploadFile], images_field],
+                          domain: Annotated[str | None, domain_field] = None,
+                          method: Annotated[AlignmentMethod, Form(description="diagonal (default): each embedding "
+                                            "dimension's mean and spread; coral: full covariance, regularised")]
+                          = "diagonal",
+                          force: Annotated[bool, Form(description="put the adapted version live even without "
+                                                                  "labelled images of the domain to judge it")] = False,
+                          tolerance: Annotated[float, Form(ge=0.0, le=1.0, description="accuracy on the domain's "
+                                                           "labelled images it may lose and still go live")] = 0.0,
+                          ) -> Job:
+        try:
+            validate_domain(domain)
+            params = AdaptParams(method=method, domain=domain, force=force, tolerance=tolerance)
+        except (InputError, ValueError) as exc:
+            raise api_error(exc if isinstance(exc, InputError) else InputError(str(exc))) from None
+        _, checked = await _checked_uploads(images)
+        targets = {image.image_id: image.data for image in checked}  # the same bytes twice are one image
+        return await _start_job("adapt", params.model_dump(), functools.partial(_adaptable_parent, len(targets)),
+                                functools.partial(_save_targets, targets=targets))
+
+    def _adaptable_parent(target_images: int) -> str:
+        active = state.registry.active()
+        if active is None:
+            raise AdaptRefused("no active model version to adapt: run `python -m training bootstrap` (in the "
+                               "trainer image, on the same state) and retrain it on labelled images")
+        check_adaptable(parent_model(active), target_images)
+        return active.version
+
+    def _save_targets(job_id: str, targets: dict[str, bytes]) -> None:
+        save_targets(settings.home, job_id, targets)
 
     @app.get("/jobs/{job_id}", operation_id="admin_get_job", summary="A retrain job", tags=TAGS,
              response_model=Job,

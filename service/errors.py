@@ -16,6 +16,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import JSONResponse
 
+from models.adapt import AdaptRefused
 from models.errors import ImageDecodeError, ImageTooLargeError, InputError
 from models.retrain import RetrainRefused
 from store.jobs import Job
@@ -64,6 +65,7 @@ _INPUT_STATUS: tuple[tuple[type[InputError], int], ...] = (
     (ImageDecodeError, 422),
     (InvalidLabelError, 422),
     (RetrainRefused, 422),
+    (AdaptRefused, 422),
     (ImageNotFoundError, 404),
 )
 

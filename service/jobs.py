@@ -1,5 +1,5 @@
 """Starting retrain jobs: whether a retrain can run at all, and running each one in its own
-process (``python -m service.retrain JOB_ID``) at a lower CPU priority than serving.
+process (``python -m service.job_process JOB_ID``) at a lower CPU priority than serving.
 
 The job's record lives in the job store (:mod:`store.jobs`). The serving worker that launched a job
 waits for its process, so when the process dies without recording a result (killed, crashed) the
@@ -56,7 +56,7 @@ def launch(jobs: JobStore, home: Path, job_id: str) -> int:
     env = {**os.environ, "TRANSFER_SERVE_HOME": str(home)}
     with (logs / f"{job_id}.log").open("ab") as log_file:
         process = subprocess.Popen(  # noqa: S603 - this interpreter, our module, a job id we generated
-            [sys.executable, "-m", "service.retrain", job_id, "--parent-pid", str(os.getpid())],
+            [sys.executable, "-m", "service.job_process", job_id, "--parent-pid", str(os.getpid())],
             cwd=Path(__file__).resolve().parents[1], env=env, stdout=log_file, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
         )

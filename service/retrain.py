@@ -1,4 +1,4 @@
-"""The retrain job, run as its own process: ``python -m service.retrain JOB_ID``.
+"""The retrain job (run in its own process by :mod:`service.job_process`).
 
 The active version's ONNX graph is the backbone: embeddings of labelled images not seen before are
 computed with it (batched, cached by content hash + backbone fingerprint), then
@@ -11,13 +11,9 @@ that serves INT8 where it can, a parent without one has the new version calibrat
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import os
-import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,20 +23,19 @@ from typing import Any, Literal
 import numpy as np
 
 from models.extract import extract
+from models.head import LinearHead
 from models.int8 import MAX_CALIBRATION_IMAGES, check_int8, quantize_onnx
 from models.onnx_io import check_onnx_contract, read_head, replace_head, verify_head
 from models.preprocess import decode_image, preprocess_image
-from models.retrain import HeadRetrain, ParentModel, RetrainParams, retrain_head
+from models.retrain import ParentModel, RetrainParams, retrain_head
 from models.spec import PreprocessConfig
 from store.embeddings import EmbeddingCache
 from store.errors import storage_failure
-from store.jobs import JobStore, scratch_prefix
-from store.labels import LabelStore
+from store.jobs import scratch_prefix
 from store.registry import INT8_ONNX_FILENAME, INT8_REPORT_FILENAME, ModelRegistry, ModelVersion, graph_exporter
-from store.state import State, open_state
+from store.state import State
 
 from .jobs import retrainable_parent
-from .providers import serves_on_cpu
 
 log = logging.getLogger(__name__)
 EMBED_BATCH = 16
@@ -59,19 +54,19 @@ class Progress:
         self.report(phase, round(min(max(progress, 0.0), 1.0), 4))
 
 
-def embed_missing(parent: ModelVersion, labels: LabelStore, cache: EmbeddingCache, ids: list[str],
+def embed_missing(parent: ModelVersion, read: Callable[[str], bytes], cache: EmbeddingCache, ids: list[str],
                   progress: Progress, threads: int) -> tuple[dict[str, np.ndarray], int, float]:
-    """Embeddings of ``ids``: from the cache, the rest computed with the parent's graph (and
-    cached) the way the service runs it: a single-thread session per core, each thread decoding
-    its own batch (:func:`models.extract.extract`). Returns them, how many were computed and
-    how many seconds that took."""
+    """Embeddings of the images ``ids`` (``read`` gives their bytes): from the cache, the rest
+    computed with the parent's graph (and cached) the way the service runs it: a single-thread
+    session per core, each thread decoding its own batch (:func:`models.extract.extract`).
+    Returns them, how many were computed and how many seconds that took."""
     fingerprint = parent.spec.backbone_fingerprint
     found = cache.get_many(ids, fingerprint)
     missing = [i for i in ids if i not in found]
-    log.info("%d labelled images: %d embeddings cached, %d to compute", len(ids), len(found), len(missing))
+    log.info("%d images: %d embeddings cached, %d to compute", len(ids), len(found), len(missing))
     started = time.perf_counter()
     done = 0
-    for batch, _, embeddings in extract(parent.onnx_path, missing, labels.read, parent.spec.preprocess,
+    for batch, _, embeddings in extract(parent.onnx_path, missing, read, parent.spec.preprocess,
                                         workers=threads, batch_size=EMBED_BATCH):
         computed = dict(zip(batch, embeddings, strict=True))
         cache.put_many(computed, fingerprint)
@@ -81,16 +76,17 @@ def embed_missing(parent: ModelVersion, labels: LabelStore, cache: EmbeddingCach
     return found, len(missing), time.perf_counter() - started
 
 
-def add_int8_variant(registry: ModelRegistry, parent: ModelVersion, version: ModelVersion, result: HeadRetrain,
+def add_int8_variant(registry: ModelRegistry, parent: ModelVersion, version: ModelVersion, head: LinearHead,
                      check: tuple[np.ndarray, np.ndarray | None], calibration: np.ndarray | None, workdir: Path,
                      threads: int) -> dict[str, Any]:
-    """Give the new version an INT8 variant if it passes the INT8 gate on ``check`` (the held-out
-    images and their targets; without targets, its agreement with fp32): the parent's INT8 graph
-    with the new head when the parent has one (its backbone, and so its calibration, is the
-    parent's; the head is float in both), else the new graph quantised on ``calibration``."""
+    """Give the new version (``head`` on the parent's backbone) an INT8 variant if it passes the
+    INT8 gate on ``check`` (held-out images and their targets; without targets, its agreement
+    with fp32): the parent's INT8 graph with the new head when the parent has one (its backbone,
+    and so its calibration, is the parent's; the head is float in both), else the new graph
+    quantised on ``calibration``."""
     path = workdir / INT8_ONNX_FILENAME
     if parent.has_int8():
-        replace_head(parent.int8_onnx_path, path, result.head.weight, result.head.bias)
+        replace_head(parent.int8_onnx_path, path, head.weight, head.bias)
         origin: dict[str, Any] = {"from": parent.version}
     elif calibration is not None:
         quantize_onnx(version.onnx_path, path, calibration)
@@ -99,7 +95,7 @@ def add_int8_variant(registry: ModelRegistry, parent: ModelVersion, version: Mod
         raise ValueError("a parent without an INT8 variant needs calibration images")
     inputs, targets = check
     check_onnx_contract(path, version.spec)
-    verify_head(path, result.head.weight, result.head.bias, inputs[:4])
+    verify_head(path, head.weight, head.bias, inputs[:4])
     figures = {**origin, **check_int8(version.onnx_path, path, inputs, targets, threads=threads).as_dict()}
     figures["added"] = figures["passed"]
     if not figures["passed"]:
@@ -114,13 +110,29 @@ def add_int8_variant(registry: ModelRegistry, parent: ModelVersion, version: Mod
     return figures
 
 
-def calibration_images(labels: LabelStore, result: HeadRetrain, config: PreprocessConfig) -> np.ndarray:
-    """At most :data:`MAX_CALIBRATION_IMAGES` of the images the new head was trained on (all
-    labelled ones if none), a fixed sample, preprocessed."""
-    ids = sorted(result.train_ids or result.held_ids)
+def calibration_images(read: Callable[[str], bytes], ids: list[str], config: PreprocessConfig) -> np.ndarray:
+    """At most :data:`MAX_CALIBRATION_IMAGES` of the images ``ids``, a fixed sample, preprocessed."""
+    ids = sorted(ids)
     if len(ids) > MAX_CALIBRATION_IMAGES:
         ids = sorted(np.random.default_rng(0).choice(ids, MAX_CALIBRATION_IMAGES, replace=False).tolist())
-    return np.stack([preprocess_image(decode_image(labels.read(i)), config) for i in ids])
+    return preprocessed(read, ids, config)
+
+
+def preprocessed(read: Callable[[str], bytes], ids: list[str], config: PreprocessConfig) -> np.ndarray:
+    """The images ``ids`` as the graph takes them, (N, 3, S, S)."""
+    return np.stack([preprocess_image(decode_image(read(i)), config) for i in ids])
+
+
+def activate(registry: ModelRegistry, version: str, progress: Progress) -> None:
+    """Put the job's new version live; a write the state cannot take says what failed."""
+    progress("activating", 0.98)
+    try:
+        registry.activate(version)
+    except OSError as exc:
+        failure = storage_failure(exc, f"activating the new version {version}")
+        if failure is None:
+            raise
+        raise failure from exc
 
 
 @dataclass(frozen=True)
@@ -143,7 +155,8 @@ def retrain(state: State, home: Path, params: RetrainParams, progress_report: Ca
     images = labels.images()
     ids = [image.image_id for image in images]
     labels_by_id = {image.image_id: image.label for image in images}
-    vectors, computed, embedding_seconds = embed_missing(parent, labels, state.embeddings, ids, progress, threads)
+    vectors, computed, embedding_seconds = embed_missing(parent, labels.read, state.embeddings, ids, progress,
+                                                         threads)
 
     progress("fitting", 0.82)
     parent_x, parent_y = parent.training_embeddings()
@@ -168,8 +181,7 @@ def retrain(state: State, home: Path, params: RetrainParams, progress_report: Ca
         replace_head(parent.onnx_path, onnx_path, result.head.weight, result.head.bias)
         progress("verifying", 0.95)
         sample_ids = (result.held_ids or result.train_ids or ids)[:4]
-        sample = np.stack([preprocess_image(decode_image(labels.read(i)), parent.spec.preprocess)
-                           for i in sample_ids])
+        sample = preprocessed(labels.read, sample_ids, parent.spec.preprocess)
         metrics["head_check_max_diff"] = verify_head(onnx_path, result.head.weight, result.head.bias, sample)
         version = registry.register(
             onnx_file=onnx_path,
@@ -187,26 +199,18 @@ def retrain(state: State, home: Path, params: RetrainParams, progress_report: Ca
         if parent.has_int8() or int8:  # before activation: workers load both at once
             progress("quantizing", 0.96)
             if result.held_ids:
-                inputs = np.stack([
-                    preprocess_image(decode_image(labels.read(i)), parent.spec.preprocess)
-                    for i in result.held_ids])
+                inputs = preprocessed(labels.read, result.held_ids, parent.spec.preprocess)
                 index = {label: k for k, label in enumerate(result.labels)}
                 targets: np.ndarray | None = np.array([index[labels_by_id[i]] for i in result.held_ids], np.int64)
             else:
                 inputs, targets = sample, None
-            calibration = None if parent.has_int8() else calibration_images(labels, result, parent.spec.preprocess)
-            metrics["int8"] = add_int8_variant(registry, parent, version, result, (inputs, targets), calibration,
-                                               Path(tmp), threads)
+            calibration = None if parent.has_int8() else calibration_images(
+                labels.read, result.train_ids or result.held_ids, parent.spec.preprocess)
+            metrics["int8"] = add_int8_variant(registry, parent, version, result.head, (inputs, targets),
+                                               calibration, Path(tmp), threads)
         metrics["variants"] = ["fp32", "int8"] if metrics.get("int8", {}).get("added") else ["fp32"]
     if result.promote:
-        progress("activating", 0.98)
-        try:
-            registry.activate(version.version)
-        except OSError as exc:
-            failure = storage_failure(exc, f"activating the new version {version.version}")
-            if failure is None:
-                raise
-            raise failure from exc
+        activate(registry, version.version, progress)
     metrics["seconds"] = round(time.perf_counter() - started, 2)
     return RetrainResult("succeeded" if result.promote else "rejected", version.version, metrics)
 
@@ -235,81 +239,3 @@ def failure_reason(exc: BaseException, phase: str) -> str:
     else:
         left = "no model version was registered"
     return f"{failure}; {left}; start a new job once it is fixed"
-
-
-def _record_failure(jobs: JobStore, job_id: str, reason: str) -> None:
-    try:
-        jobs.fail(job_id, reason)
-    except Exception:  # the database itself cannot be written: the job is marked failed once gone
-        log.exception("could not record that retrain job %s failed (%s)", job_id, reason)
-
-
-def keep_lease(jobs: JobStore, job_id: str, every_s: float) -> threading.Event:
-    """Renew the job's lease every ``every_s`` seconds in the background; the event is set once
-    the job is no longer this process's to finish."""
-    lost = threading.Event()
-
-    def renew() -> None:
-        while not lost.wait(every_s):
-            try:
-                if not jobs.renew_lease(job_id):
-                    lost.set()
-            except Exception as exc:  # noqa: BLE001 - the next renewal tells whether the lease held
-                log.warning("could not renew the lease of retrain job %s: %s", job_id, exc)
-
-    threading.Thread(target=renew, name="job-lease", daemon=True).start()
-    return lost
-
-
-def main(argv: list[str] | None = None) -> int:
-    from models.hardware import cpu_count
-
-    from .settings import get_settings
-
-    parser = argparse.ArgumentParser(prog="python -m service.retrain")
-    parser.add_argument("job_id")
-    parser.add_argument("--parent-pid", type=int, help="exit (marking the job failed) if this process dies")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    settings = get_settings()
-    os.nice(10)  # serving comes first: the job takes the CPU the service leaves
-    state = open_state(settings)
-    jobs = state.jobs
-    job = jobs.get(args.job_id)
-    if job is None:
-        log.error("no job %s", args.job_id)
-        return 2
-
-    phase = "starting"
-    lease_lost = keep_lease(jobs, args.job_id, settings.job_lease_s / 3)
-
-    def report(new_phase: str, progress: float) -> None:
-        nonlocal phase
-        if args.parent_pid and os.getppid() != args.parent_pid:
-            raise SystemExit("the service stopped during the job")
-        if lease_lost.is_set():
-            raise SystemExit("the job's lease ran out (it could not reach the database in time) and another replica "
-                             "failed it; start a new job")
-        jobs.record_progress(args.job_id, new_phase, progress)
-        phase = new_phase
-
-    try:
-        jobs.mark_running(args.job_id, os.getpid())
-        # every core: the job is niced, so serving still comes first
-        result = retrain(state, settings.home, RetrainParams.model_validate(job.params or {}), report,
-                         threads=cpu_count(), job_id=args.job_id,
-                         int8=settings.model_variant in ("auto", "int8") and serves_on_cpu(settings))
-    except SystemExit as exc:
-        _record_failure(jobs, args.job_id, str(exc))
-        return 1
-    except Exception as exc:  # any failure ends the job failed, with the reason, never half-done
-        log.exception("retrain job %s failed", args.job_id)
-        _record_failure(jobs, args.job_id, failure_reason(exc, phase))
-        return 1
-    jobs.finish(args.job_id, result.state, result.version, result.metrics)
-    log.info("retrain job %s %s: %s", args.job_id, result.state, result.metrics["gate"])
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -40,6 +40,8 @@ class LabelSummary(BaseModel):
     not_in_active_model: int | None = Field(None, ge=0, description="labelled images the active version was not "
                                             "trained on (null when the active version's files cannot be read)")
     active_version: str | None
+    domains: dict[str, dict[str, int]] = Field(default_factory=dict, description="images per label of each domain "
+                                               "tag (POST /admin/labels with `domain`; they judge adapted versions)")
 
 
 class LabelDeleted(BaseModel):

@@ -1,4 +1,6 @@
-"""Command-line interface: ``python -m training {bootstrap,fit,evaluate,models,import,quantize,reexport,compare}``.
+"""Command-line interface: ``python -m training COMMAND``.
+
+Commands: bootstrap, fit, evaluate, models, import, quantize, reexport, compare, adapt.
 
 Progress bars and logs go to stderr; results go to stdout. With ``--json`` the output ends with
 one JSON object (``version`` and ``metrics`` for ``fit``), so scripts can read the last line.
@@ -15,9 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from models.errors import InputError, TransferServeError, VersionNotFoundError
+from models.hardware import cpu_count
 from models.preprocess import DEFAULT_MAX_PIXELS
 from store.settings import StoreSettings
-from store.state import open_state
+from store.state import State, open_state
 
 from .backbones import DEFAULT_BACKBONE, OFFLINE_BACKBONES
 
@@ -102,6 +105,21 @@ def _parser() -> argparse.ArgumentParser:
                      help="where summary.md, compare.json and the plots go (default ./compare-report)")
     cmp.add_argument("--json", action="store_true")
 
+    adapt = sub.add_parser("adapt", help="a new version whose head is aligned with unlabelled images of a new "
+                           "domain (other cameras, light, compression); live if it passes the promotion gate")
+    adapt.add_argument("--version", required=True, help="the version to adapt (vN; it needs training embeddings)")
+    adapt.add_argument("--data", required=True, type=Path, help="folder of unlabelled images of the new domain "
+                       "(searched recursively)")
+    adapt.add_argument("--labelled", type=Path, help="labelled images of the new domain (" + DATA_HELP + ") that "
+                       "judge the adapted version against the old; without them only --force puts it live")
+    adapt.add_argument("--method", choices=["diagonal", "coral"], default="diagonal",
+                       help="diagonal (default): each embedding dimension's mean and spread; coral: full covariance")
+    adapt.add_argument("--force", action="store_true", help="activate it whatever the gate says")
+    adapt.add_argument("--tolerance", type=float, default=0.0,
+                       help="accuracy on the labelled images it may lose and still go live (0-1)")
+    adapt.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="largest image accepted")
+    adapt.add_argument("--json", action="store_true")
+
     ls = sub.add_parser("models", help="list versions, their metrics, and which is active")
     ls.add_argument("--json", action="store_true")
     return parser
@@ -156,12 +174,40 @@ def run_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_adapt(args: argparse.Namespace, state: State, home: Path) -> int:
+    from pydantic import ValidationError
+
+    from models.adapt import AdaptParams
+
+    from .adapt import adapt_folder
+
+    try:
+        params = AdaptParams(method=args.method, force=args.force, tolerance=args.tolerance)
+    except ValidationError as exc:
+        raise InputError(f"--tolerance must be between 0 and 1 ({exc.errors()[0]['msg']})") from None
+    adapted = adapt_folder(state, home, args.version, args.data, args.labelled, params, max_pixels=args.max_pixels,
+                           threads=cpu_count())
+    if args.json:
+        _emit({"version": adapted.version, "active": adapted.active, "metrics": adapted.metrics})
+        return 0
+    metrics = adapted.metrics
+    print(f"registered {adapted.version}: {args.version} adapted ({metrics['method']}) to {metrics['target_images']} "
+          f"images in {metrics['seconds']:.1f}s")
+    print(f"promotion gate {'passed' if metrics['promoted'] else 'not passed'}: {metrics['gate']}")
+    print(f"{adapted.version} is active" if adapted.active else
+          f"{adapted.version} is not active; activate it with POST /admin/models/{adapted.version}/activate")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     if args.command == "compare":  # measures backbones on a folder; the state is not involved
         return run_compare(args)
-    state = open_state(StoreSettings(home=args.home) if args.home else StoreSettings())
+    settings = StoreSettings(home=args.home) if args.home else StoreSettings()
+    state = open_state(settings)
     registry = state.registry
     quiet = getattr(args, "json", False)
+    if args.command == "adapt":
+        return run_adapt(args, state, settings.home)
     if args.command == "bootstrap":
         from .pipeline import bootstrap
 

@@ -131,7 +131,7 @@ def test_a_retrain_process_killed_mid_job_fails_the_job_and_serving_never_stops(
             pid = open_state(home=home).jobs.get(job_id).pid  # type: ignore[union-attr]
             assert pid is not None, "the running job has no process"
             process = psutil.Process(pid)
-            assert "service.retrain" in process.cmdline() and job_id in process.cmdline()
+            assert "service.job_process" in process.cmdline() and job_id in process.cmdline()
             os.kill(pid, signal.SIGKILL)
             failed = wait_for_job(admin, job_id, timeout=30)
             assert process_gone(process)

@@ -15,6 +15,7 @@ import pytest
 from store.local.registry import DirectoryRegistry
 from store.state import open_state
 from tests.support.cli import last_json
+from tests.support.corruptions import corrupt_bytes
 from tests.support.images import jpeg_files, make_subset
 from tests.support.paths import ROOT
 from tests.support.server import subprocess_env
@@ -168,3 +169,61 @@ def test_cli_quantize(grey_version: tuple[DirectoryRegistry, Path], capsys: pyte
     assert main(["--home", home, "models", "--json"]) == 0
     [row] = last_json(capsys.readouterr().out)["versions"]
     assert row["version"] == "v1" and row["int8"] is True
+
+
+# -- adapt (after the tests above: it registers versions in the fitted home) ----------------------
+
+def blurred_folder(hymenoptera: Path, root: Path, *, per_class: int, offset: int, labelled: bool) -> Path:
+    """Blurred photos the fit did not see: in class subfolders (labelled) or all in one folder."""
+    for label in ("ants", "bees"):
+        folder = root / label if labelled else root
+        folder.mkdir(parents=True, exist_ok=True)
+        for photo in jpeg_files(hymenoptera, label)[offset:offset + per_class]:
+            blurred = corrupt_bytes(photo.read_bytes(), "blur", "strong", fmt="JPEG")
+            (folder / f"{label}-{photo.name}").write_bytes(blurred)
+    return root
+
+
+@pytest.mark.slow
+def test_adapt_registers_a_version_live_only_when_labelled_images_of_the_domain_judge_it(
+    fitted, hymenoptera: Path, tmp_path: Path, capsys
+) -> None:
+    home, _, _ = fitted
+    unlabelled = blurred_folder(hymenoptera, tmp_path / "unlabelled", per_class=20, offset=100, labelled=False)
+    labelled = blurred_folder(hymenoptera, tmp_path / "labelled", per_class=15, offset=60, labelled=True)
+    active = open_state(home=home).registry.active_version()
+
+    assert main(["--home", str(home), "adapt", "--version", "v1", "--data", str(unlabelled), "--json"]) == 0
+    unjudged = last_json(capsys.readouterr().out)
+    assert unjudged["active"] is False and unjudged["metrics"]["target_images"] == 40
+    assert "no labelled target images to compare on" in unjudged["metrics"]["gate"]
+    assert open_state(home=home).registry.active_version() == active
+
+    # any accuracy passes (tolerance 1): this checks what the gate was told
+    assert main(["--home", str(home), "adapt", "--version", "v1", "--data", str(unlabelled), "--labelled",
+                 str(labelled), "--tolerance", "1", "--json"]) == 0
+    judged = last_json(capsys.readouterr().out)
+    assert judged["active"] is True and judged["metrics"]["candidate"]["judged_on"] == 30
+    assert judged["metrics"]["embeddings_cached"] == 40  # the first run computed the target's
+    version = open_state(home=home).registry.get(judged["version"])
+    assert version.info["parent"] == "v1" and version.info["details"]["strategy"] == "adapt-diagonal"
+    assert version.info["details"]["target"]["images"] == 40
+
+
+@pytest.mark.slow
+def test_adapt_refuses_bad_input_with_exit_2_and_the_reason(fitted, hymenoptera: Path, tmp_path: Path,
+                                                           capsys) -> None:
+    home, _, _ = fitted
+    few = blurred_folder(hymenoptera, tmp_path / "few", per_class=3, offset=100, labelled=False)
+    (few / "notes.txt").write_text("not an image")  # skipped, with a warning
+    cases = [
+        (["--version", "v1", "--data", str(few)], "6 unlabelled image(s) of the new domain; adaptation needs at least"),
+        (["--version", "v1", "--data", str(tmp_path / "missing")], "is not a folder of images"),
+        (["--version", "v9", "--data", str(few)], "no model version 'v9'"),
+        (["--version", "v1", "--data", str(few), "--tolerance", "2"], "--tolerance must be between 0 and 1"),
+    ]
+    versions = len(open_state(home=home).registry.versions())
+    for args, reason in cases:
+        assert main(["--home", str(home), "adapt", *args]) == 2, args
+        assert reason in capsys.readouterr().err, args
+    assert len(open_state(home=home).registry.versions()) == versions  # nothing registered
