@@ -27,7 +27,7 @@ from models.head import LinearHead
 from models.int8 import MAX_CALIBRATION_IMAGES
 from models.onnx_io import read_head
 from models.preprocess import decode_image, preprocess_image
-from models.retrain import HeadRetrain, RetrainParams
+from models.retrain import RetrainParams
 from service.retrain import RetrainResult, add_int8_variant, failure_reason, retrain
 from store import errors
 from store.local.registry import DirectoryRegistry
@@ -209,8 +209,7 @@ def test_a_calibrated_variant_that_loses_accuracy_is_dropped_and_the_version_kep
     registry, _ = grey_version
     v1 = registry.get("v1")
     weight, bias = read_head(v1.onnx_path)
-    head = HeadRetrain(labels=["cat", "dog"], head=LinearHead(weight, bias), train_ids=[], held_ids=[], promote=True,
-                       metrics={}, embeddings=np.zeros((0, 3), np.float32), targets=np.zeros(0, np.int64), hashes=[])
+    head = LinearHead(weight, bias)
     dark, light = (np.stack([preprocess_image(decode_image(grey_png(level)), v1.spec.preprocess) for level in levels])
                    for levels in (range(0, 60, 5), range(170, 256, 7)))
     check = (np.concatenate([dark, light]), np.array([0] * len(dark) + [1] * len(light)))
