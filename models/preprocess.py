@@ -117,6 +117,16 @@ class _Decoded:
     content: tuple[float, float, float, float]
 
 
+def image_media_type(data: bytes) -> str:
+    """The MIME type of image bytes from their header (``image/jpeg``...), or
+    ``application/octet-stream`` if Pillow does not recognise them. Reads the header only."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return Image.MIME.get(image.format or "", "application/octet-stream")
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return "application/octet-stream"
+
+
 def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Decode untrusted image bytes into an upright RGB image.
 

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import InputError
 from .head import HeadParams, LinearHead, fit_linear_head
+from .metrics import classification_metrics
 
 #: Share of the labelled images held out to compare the new head with the active one.
 HELD_OUT_FRACTION = 0.2
@@ -174,7 +175,11 @@ def retrain_head(parent: ParentModel, vectors: Mapping[str, np.ndarray], labels_
     candidate_acc, active_acc = _accuracy(candidate_pred, held_truth), _accuracy(active_pred, held_truth)
     promote, gate = promotion_gate(candidate_acc, active_acc, len(held_ids), params)
     metrics = {
-        "candidate": {"accuracy": candidate_acc, "held_out": len(held_ids)},
+        # rows: the held-out images' labels, columns: the candidate's answers, both in `labels` order
+        "candidate": {"accuracy": candidate_acc, "held_out": len(held_ids),
+                      "confusion_matrix": classification_metrics(
+                          [index[t] for t in held_truth], [index[p] for p in candidate_pred],
+                          labels)["confusion_matrix"] if held_ids else []},
         "active": {"version": parent.version, "accuracy": active_acc, "held_out": len(held_ids)},
         "train_images": int(len(train_y)),
         "from_parent": len(keep),

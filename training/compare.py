@@ -30,12 +30,12 @@ from tqdm import tqdm
 from models.hardware import cpu_count, cuda_device_count
 from models.head import fit_linear_head
 from models.int8 import MAX_CALIBRATION_IMAGES, check_int8, quantize_onnx
+from models.metrics import classification_metrics
 from models.onnx_io import cpu_session, replace_head
 
 from .backbones import OFFLINE_BACKBONES, create_backbone
 from .data import LabelledImages, load_labelled, stratified_split
 from .export import export_onnx
-from .metrics import classification_metrics
 from .pipeline import PARITY_IMAGES, EvalAndThumbnail, onnx_embeddings
 
 log = logging.getLogger(__name__)

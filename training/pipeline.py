@@ -22,6 +22,7 @@ from PIL import Image
 from models.errors import DatasetError
 from models.hardware import cpu_count
 from models.head import fit_linear_head
+from models.metrics import classification_metrics
 from models.onnx_io import cpu_session, replace_head, run_in_batches, softmax
 from models.preprocess import decode_image, preprocess_image
 from models.spec import ModelSpec, PreprocessConfig
@@ -37,7 +38,6 @@ from .backbones import (
 )
 from .data import LabelledImages, load_labelled, stratified_split
 from .export import ParityResult, check_parity, export_onnx
-from .metrics import classification_metrics
 from .report import write_report
 
 log = logging.getLogger(__name__)

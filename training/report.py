@@ -1,5 +1,5 @@
 """Evaluation reports written beside every model version: ``write_report`` stores the metrics
-(:mod:`training.metrics`) with the training history and run details as ``report.json``, a
+(:mod:`models.metrics`) with the training history and run details as ``report.json``, a
 human-readable ``report.md`` and the two plots of :mod:`training.plots`;
 ``format_metrics_table`` is what the CLI prints.
 """

@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+from models.metrics import classification_metrics
 from tests.support.reports import LABELS, assert_png
-from training.metrics import classification_metrics
 from training.plots import (
     MAX_MATRIX_CLASSES,
     ComparedBackbone,

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from models.metrics import classification_metrics
 from tests.support.reports import LABELS, Y_PRED, Y_TRUE, assert_png
-from training.metrics import classification_metrics
 from training.report import format_metrics_table, write_report
 
 

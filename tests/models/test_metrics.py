@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from models.errors import InputError
+from models.metrics import classification_metrics
 from tests.support.reports import LABELS, Y_PRED, Y_TRUE
-from training.metrics import classification_metrics
 
 
 def test_hand_computed_metrics() -> None:
