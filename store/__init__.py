@@ -4,6 +4,7 @@
 - :mod:`store.labels`: labelled images (:class:`LabelStore`)
 - :mod:`store.embeddings`: backbone embeddings by image and backbone (:class:`EmbeddingCache`)
 - :mod:`store.jobs`: retrain job records, one running at a time (:class:`JobStore`)
+- :mod:`store.predictions`: kept predictions and their images, for review (:class:`PredictionStore`)
 - :mod:`store.errors`: writes the state cannot take, for the operator (:class:`StorageError`)
 - :mod:`store.local`: the single-machine backend, SQLite + files in ``TRANSFER_SERVE_HOME``
 

@@ -7,6 +7,7 @@ from abc import ABC, abstractmethod
 from .embeddings import EmbeddingCache
 from .jobs import JobStore
 from .labels import LabelStore
+from .predictions import PredictionStore
 from .registry import ModelRegistry
 
 
@@ -24,3 +25,6 @@ class Backend(ABC):
 
     @abstractmethod
     def open_jobs(self) -> JobStore: ...
+
+    @abstractmethod
+    def open_predictions(self) -> PredictionStore: ...

@@ -16,6 +16,8 @@ import errno
 import os
 import shutil
 import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from models.errors import TransferServeError
 
@@ -107,3 +109,16 @@ def storage_failure(exc: BaseException, operation: str) -> StorageError | None:
             return StorageError(operation, problem, hint, current.strerror or errno.errorcode[current.errno])
         current = current.__cause__ or current.__context__
     return None
+
+
+@contextmanager
+def storage_errors(operation: str) -> Iterator[None]:
+    """Run the block; a failed write to the state directory in it (see :func:`storage_failure`)
+    comes out as a :class:`StorageError` naming ``operation``, anything else as it was."""
+    try:
+        yield
+    except (OSError, sqlite3.Error) as exc:
+        failure = storage_failure(exc, operation)
+        if failure is None:
+            raise
+        raise failure from exc

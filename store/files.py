@@ -31,6 +31,17 @@ def write_atomic(path: Path, data: bytes, mode: int | None = None) -> None:
         raise
 
 
+def write_unless_present(path: Path, data: bytes) -> bool:
+    """Write ``data`` to ``path`` atomically unless a file of that size is already there (a file
+    named by its content's hash: the same size means the same bytes). Returns whether it wrote."""
+    with contextlib.suppress(FileNotFoundError):
+        if path.stat().st_size == len(data):
+            return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, data)
+    return True
+
+
 def write_json_atomic(path: Path, data: Any, mode: int | None = None) -> None:
     """:func:`write_atomic` of ``data`` as indented JSON with sorted keys."""
     write_atomic(path, json.dumps(data, indent=2, sort_keys=True).encode(), mode)

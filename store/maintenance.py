@@ -28,6 +28,8 @@ from .state import State
 log = logging.getLogger(__name__)
 
 _EMBEDDING_CHUNK = 500
+#: kept predictions per write of a copy (each carries its image's bytes)
+_PREDICTION_CHUNK = 100
 
 
 @dataclass
@@ -43,6 +45,8 @@ class CopySummary:
     jobs_copied: int = 0
     jobs_present: int = 0
     jobs_skipped_active: int = 0
+    predictions_copied: int = 0
+    predictions_present: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -54,12 +58,13 @@ class CopySummary:
                 f"({len(self.versions_present)} already there), activation history: "
                 f"{'yes' if self.history_copied else 'no (the target has one)'}; labelled images: {labels}; "
                 f"{self.embeddings} embedding(s); {self.jobs_copied} finished job(s) "
-                f"({self.jobs_present} already there, {self.jobs_skipped_active} still active: not copied)")
+                f"({self.jobs_present} already there, {self.jobs_skipped_active} still active: not copied); "
+                f"{self.predictions_copied} kept prediction(s) ({self.predictions_present} already there)")
 
 
 def copy_home(source_home: Path, target: SharedBackend, *, dry_run: bool = False) -> CopySummary:
-    """Copy the versions, activation history, labelled images, embeddings and finished jobs of a
-    single-machine home into a shared deployment."""
+    """Copy the versions, activation history, labelled images, embeddings, finished jobs and kept
+    predictions (with their images) of a single-machine home into a shared deployment."""
     source = State(LocalBackend(source_home))
     summary = CopySummary(dry_run=dry_run)
     registry = target.open_registry()
@@ -87,6 +92,7 @@ def copy_home(source_home: Path, target: SharedBackend, *, dry_run: bool = False
             labels.add(source.labels.read(image.image_id), image.label, max_pixels=10**9, domain=image.domain)
     summary.embeddings = _copy_embeddings(source_home, target, dry_run)
     _copy_jobs(source, target, summary, dry_run)
+    _copy_predictions(source, target, summary, dry_run)
     log.info("%s", summary.describe())
     return summary
 
@@ -148,6 +154,36 @@ def _copy_jobs(source: State, target: SharedBackend, summary: CopySummary, dry_r
                     (job.id, job.kind, job.state, job.phase, job.progress, Jsonb(job.params or {}),
                      Jsonb(job.metrics) if job.metrics is not None else None, job.version, job.parent, job.error,
                      "copied from a single-machine home", job.created_at, job.updated_at, job.finished_at))
+
+
+def _copy_predictions(source: State, target: SharedBackend, summary: CopySummary, dry_run: bool) -> None:
+    from .local.predictions import SqlitePredictionStore
+    from .predictions import NewPrediction
+
+    kept = source.predictions
+    if not isinstance(kept, SqlitePredictionStore):
+        raise TypeError("the source of a copy is a single-machine home")
+    store = target.open_predictions()
+    everything = kept.everything()
+    for start in range(0, len(everything), _PREDICTION_CHUNK):
+        chunk = everything[start : start + _PREDICTION_CHUNK]
+        with store.database.connect() as conn:
+            present = {row["id"] for row in conn.execute("SELECT id FROM predictions WHERE id = ANY(%s)",
+                                                         ([p.prediction_id for p in chunk],)).fetchall()}
+        summary.predictions_present += len(present)
+        missing = [p for p in chunk if p.prediction_id not in present]
+        new = []
+        for p in missing:
+            try:
+                image = kept.path_of(p.image_id).read_bytes()
+            except FileNotFoundError:  # deleted while the copy ran
+                log.warning("kept prediction %s lost its image during the copy; not copied", p.prediction_id)
+                continue
+            new.append(NewPrediction(p.prediction_id, p.image_id, image, p.version, p.label, p.score, p.margin,
+                                     p.entropy, p.top_k, p.created_at, p.embedding))
+        summary.predictions_copied += len(new)
+        if not dry_run:
+            store.add_many(new)
 
 
 def prune_versions(registry: ModelRegistry, keep: int, *, dry_run: bool = False) -> list[str]:

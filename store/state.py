@@ -12,6 +12,7 @@ from .backend import Backend
 from .embeddings import EmbeddingCache
 from .jobs import JobStore
 from .labels import LabelStore
+from .predictions import PredictionStore
 from .registry import ModelRegistry
 from .settings import StoreSettings
 
@@ -37,6 +38,10 @@ class State:
     @cached_property
     def jobs(self) -> JobStore:
         return self.backend.open_jobs()
+
+    @cached_property
+    def predictions(self) -> PredictionStore:
+        return self.backend.open_predictions()
 
 
 def open_state(settings: StoreSettings | None = None, *, home: str | os.PathLike[str] | None = None) -> State:

@@ -1,8 +1,9 @@
 """The single-machine backend: everything in one state directory, ``TRANSFER_SERVE_HOME``.
 
-``transfer-serve.db`` (SQLite, WAL: labels, embeddings, jobs), ``labels/images/`` (labelled image
-files by content hash), ``versions/vN/`` (model versions) and ``active_version.json`` (the active
-pointer). Every process on the machine may open it at once.
+``transfer-serve.db`` (SQLite, WAL: labels, embeddings, jobs, kept predictions), ``labels/images/``
+(labelled image files by content hash), ``kept/images/`` (kept predictions' images, likewise),
+``versions/vN/`` (model versions) and ``active_version.json`` (the active pointer). Every process on
+the machine may open it at once.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from .database import Database
 from .embeddings import SqliteEmbeddingCache
 from .jobs import SqliteJobStore
 from .labels import SqliteLabelStore
+from .predictions import SqlitePredictionStore
 from .registry import DirectoryRegistry
 
 
@@ -40,3 +42,6 @@ class LocalBackend(Backend):
 
     def open_jobs(self) -> SqliteJobStore:
         return SqliteJobStore(self.home, self._database)
+
+    def open_predictions(self) -> SqlitePredictionStore:
+        return SqlitePredictionStore(self.home, self._database)

@@ -27,7 +27,7 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from ..errors import storage_failure
+from ..errors import storage_errors
 from ..schema import Migration, apply_missing, check_numbering
 
 log = logging.getLogger(__name__)
@@ -176,6 +176,30 @@ MIGRATIONS: tuple[Migration, ...] = (
         "ALTER TABLE images ADD COLUMN domain TEXT",
         "ALTER TABLE jobs ADD COLUMN kind TEXT NOT NULL DEFAULT 'retrain'",
     )),
+    Migration(3, "kept predictions and their images", (
+        """CREATE TABLE kept_images (
+            id TEXT PRIMARY KEY,          -- sha256 of the bytes; the file is kept/images/<2 hex>/<id>
+            size INTEGER NOT NULL,        -- bytes
+            created_at TEXT NOT NULL      -- ISO 8601, UTC
+        )""",
+        """CREATE TABLE predictions (
+            id TEXT PRIMARY KEY,          -- 32 lowercase hex, random
+            image_id TEXT NOT NULL REFERENCES kept_images (id),
+            version TEXT NOT NULL,        -- the model version that answered
+            label TEXT NOT NULL,
+            score REAL NOT NULL,
+            margin REAL NOT NULL,         -- top-1 score minus top-2 score
+            entropy REAL NOT NULL,        -- normalised to [0, 1]
+            top_k TEXT NOT NULL,          -- JSON list of [label, score], best first
+            created_at TEXT NOT NULL,     -- ISO 8601 UTC, microseconds, fixed width: text order is time order
+            dim INTEGER,                  -- the embedding, if the worker sent one:
+            vector BLOB                   -- dim float32 values, little-endian
+        )""",
+        "CREATE INDEX predictions_by_created_at ON predictions (created_at)",
+        "CREATE INDEX predictions_by_image ON predictions (image_id, created_at)",
+        "CREATE INDEX predictions_by_margin ON predictions (margin)",
+        "CREATE INDEX predictions_by_entropy ON predictions (entropy)",
+    )),
 )
 
 
@@ -222,14 +246,8 @@ class Database:
             SchemaTooNewError: a newer release wrote it.
         """
         database = cls(database_path(home))
-        try:
-            with database.connect() as conn:
-                applied = migrate(conn)
-        except (OSError, sqlite3.Error) as exc:
-            failure = storage_failure(exc, "opening the database")
-            if failure is None:
-                raise
-            raise failure from exc
+        with storage_errors("opening the database"), database.connect() as conn:
+            applied = migrate(conn)
         if applied:
             log.info("database %s migrated to schema version %d (applied %s)", database.path, applied[-1],
                      ", ".join(map(str, applied)))

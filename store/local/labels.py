@@ -9,7 +9,6 @@ processes can add and delete at once and every row has its file.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import secrets
@@ -19,8 +18,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from ..errors import storage_failure
-from ..files import write_atomic
+from ..errors import storage_errors, storage_failure
+from ..files import write_unless_present
 from ..labels import (
     AddResult,
     CheckedImage,
@@ -48,13 +47,8 @@ class SqliteLabelStore(LabelStore):
         self.home = Path(home)
         self.images_dir = self.home / "labels" / "images"
         self.database = database
-        try:
+        with storage_errors("opening the label store"):
             self.images_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            failure = storage_failure(exc, "opening the label store")
-            if failure is None:
-                raise
-            raise failure from exc
 
     # -- paths --------------------------------------------------------------------------------
 
@@ -82,7 +76,7 @@ class SqliteLabelStore(LabelStore):
             # The writes (and their fsyncs) happen outside the database lock so that concurrent
             # uploads of different images do not queue behind each other's disk flushes.
             for image in checked:
-                if self._write_file(self.path_of(image.image_id), image.data):
+                if write_unless_present(self.path_of(image.image_id), image.data):
                     written.add(image.image_id)
             now = _now()
             results = []
@@ -91,7 +85,7 @@ class SqliteLabelStore(LabelStore):
                     # A delete of these same bytes may have run between the write and here; with
                     # the write lock held nobody can remove the file again before the row is
                     # committed.
-                    if self._write_file(self.path_of(image.image_id), image.data):
+                    if write_unless_present(self.path_of(image.image_id), image.data):
                         written.add(image.image_id)
                     results.append(self._upsert(conn, image.image_id, label, domain, len(image.data),
                                                 image.width, image.height, now))
@@ -127,17 +121,6 @@ class SqliteLabelStore(LabelStore):
             return AddResult(image_id, label, "unchanged", None, width, height)
         conn.execute("UPDATE images SET label = ?, updated_at = ? WHERE id = ?", (label, now, image_id))
         return AddResult(image_id, label, "moved", row[0], width, height)
-
-    @staticmethod
-    def _write_file(path: Path, data: bytes) -> bool:
-        """Write ``data`` to ``path`` atomically unless a file of that size is already there.
-        Returns whether it wrote the file."""
-        with contextlib.suppress(FileNotFoundError):
-            if path.stat().st_size == len(data):
-                return False
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, data)
-        return True
 
     def _remove_unreferenced(self, image_ids: set[str]) -> None:
         """After a failed add: remove the files of ``image_ids`` that no row refers to.

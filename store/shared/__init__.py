@@ -1,6 +1,7 @@
 """The shared backend: several replicas, one deployment. State and coordination in Postgres
-(labels, embeddings, jobs with leases, the version catalogue, activations, replicas), immutable
-files in an object store (labelled images by content hash, version files), and in each replica's
+(labels, embeddings, jobs with leases, the version catalogue, activations, replicas, kept
+predictions), immutable files in an object store (labelled and kept images by content hash,
+version files), and in each replica's
 ``TRANSFER_SERVE_HOME`` only its verified local copies of versions, job logs and scratch files.
 """
 
@@ -15,6 +16,7 @@ from .embeddings import PostgresEmbeddingCache
 from .jobs import PostgresJobStore
 from .labels import PostgresLabelStore
 from .objects import ObjectStore, open_object_store
+from .predictions import PostgresPredictionStore
 from .registry import SharedRegistry
 
 
@@ -48,3 +50,6 @@ class SharedBackend(Backend):
     def open_jobs(self) -> PostgresJobStore:
         return PostgresJobStore(self._database, self.settings.home, self.settings.replica_id,
                                 self.settings.job_lease_s)
+
+    def open_predictions(self) -> PostgresPredictionStore:
+        return PostgresPredictionStore(self._database, self._objects)

@@ -93,6 +93,30 @@ MIGRATIONS: tuple[Migration, ...] = (
         "ALTER TABLE images ADD COLUMN domain TEXT",
         "ALTER TABLE jobs ADD COLUMN kind TEXT NOT NULL DEFAULT 'retrain'",
     )),
+    Migration(3, "kept predictions and their images", (
+        """CREATE TABLE kept_images (
+            id TEXT PRIMARY KEY,              -- sha256 of the bytes; the object is kept/<2 hex>/<id>
+            size INTEGER NOT NULL,
+            created_at TIMESTAMPTZ NOT NULL
+        )""",
+        """CREATE TABLE predictions (
+            id TEXT PRIMARY KEY,              -- 32 lowercase hex, random
+            image_id TEXT NOT NULL REFERENCES kept_images (id),
+            version TEXT NOT NULL,            -- the model version that answered
+            label TEXT NOT NULL,
+            score DOUBLE PRECISION NOT NULL,
+            margin DOUBLE PRECISION NOT NULL, -- top-1 score minus top-2 score
+            entropy DOUBLE PRECISION NOT NULL,-- normalised to [0, 1]
+            top_k JSONB NOT NULL,             -- list of [label, score], best first
+            created_at TIMESTAMPTZ NOT NULL,
+            dim INTEGER,                      -- the embedding, if the worker sent one:
+            vector BYTEA                      -- dim float32 values, little-endian
+        )""",
+        "CREATE INDEX predictions_by_created_at ON predictions (created_at)",
+        "CREATE INDEX predictions_by_image ON predictions (image_id, created_at)",
+        "CREATE INDEX predictions_by_margin ON predictions (margin)",
+        "CREATE INDEX predictions_by_entropy ON predictions (entropy)",
+    )),
 )
 
 

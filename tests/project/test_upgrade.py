@@ -1,8 +1,8 @@
 """Project level (``store/`` and ``training/cli.py`` on a real old state directory): a state
 directory written by eb365a9 (BentoML's store layout, an unversioned database, the pointer file)
 opens in today's code without loss: every version, the active version and its history, every
-label, embedding and job (``tests/fixtures/README.md`` says how the fixture was written, by the
-old code itself)."""
+label, embedding and job, with the tables added since (kept predictions) created beside them
+(``tests/fixtures/README.md`` says how the fixture was written, by the old code itself)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import pytest
 from store.local import database
 from store.local.registry import COMPLETE_MARKER
 from store.state import State, open_state
+from tests.support.backends import kept
 from tests.support.cli import last_json
 from tests.support.paths import ROOT
 from training.cli import main as cli_main
@@ -137,6 +138,10 @@ def test_the_database_gets_its_schema_version_and_keeps_its_rows(upgraded: State
     for name, columns in added.items():
         old_sql = expected["database"]["schema"][name]
         assert old_sql.endswith(")") and schema[name] == old_sql[:-1] + columns, (name, schema[name])
+    # migration 3 (kept predictions) added its tables and indexes beside them
+    assert database.MIGRATIONS[-1].version >= 3
+    assert {"kept_images", "predictions", "predictions_by_created_at", "predictions_by_image",
+            "predictions_by_margin", "predictions_by_entropy"} <= set(schema)
 
 
 def test_the_upgraded_state_keeps_working(upgraded: State, tmp_path: Path) -> None:
@@ -154,6 +159,10 @@ def test_the_upgraded_state_keeps_working(upgraded: State, tmp_path: Path) -> No
     assert new.version == "v4"  # numbering continues above the old versions
     job = upgraded.jobs.create({}, "v3")
     assert upgraded.jobs.get(job.id) == job
+    prediction = kept(1)
+    upgraded.predictions.add_many([prediction])
+    assert [p.prediction_id for p in upgraded.predictions.unlabelled(order="margin", limit=5)] == [
+        prediction.prediction_id]
 
 
 def test_the_cli_lists_the_upgraded_versions(old_home: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,22 +1,19 @@
 """The storage interfaces on every backend: SQLite + files, Postgres + a shared directory,
 Postgres + S3 (moto's server). The same calls must give the same answers; where replicas share
-state, what one writes the other reads. Real servers, started by the tests on 127.0.0.1."""
+state, what one writes the other reads. Real servers, started by the tests on 127.0.0.1 (fixtures
+in ``conftest.py``, helpers in :mod:`tests.support.backends`)."""
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import tarfile
 import threading
 import time
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 from pydantic import ValidationError
 
 from models.errors import ModelError, VersionNotFoundError
@@ -27,59 +24,11 @@ from store.maintenance import copy_home, prune_versions, seed_registry
 from store.settings import StoreSettings
 from store.shared import SharedBackend
 from store.state import State, open_state
+from tests.support.backends import BACKENDS, kept, parametrized, png, replica
 from tests.support.models import registry_with, tiny_spec, write_tiny_onnx
 from tests.support.paths import ROOT
 from tests.support.postgres import PostgresServer
 from tests.support.s3 import S3Server
-
-BACKENDS = ["local", "postgres+directory", "postgres+s3"]
-
-
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[PostgresServer]:
-    server = PostgresServer()
-    yield server
-    server.close()
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    server = S3Server(tmp_path_factory.mktemp("s3") / "moto.log")
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def deployment(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, object]:
-    """Settings for two replicas of one fresh deployment of the backend ``request.param``."""
-    kind = request.param
-    if kind == "local":
-        return {"home": tmp_path / "home"}
-    postgres: PostgresServer = request.getfixturevalue("postgres")
-    name = "t" + uuid.uuid4().hex[:12]
-    settings: dict[str, object] = {"database_url": postgres.create_database(name), "job_lease_s": 1.0}
-    if kind == "postgres+s3":
-        s3: S3Server = request.getfixturevalue("s3")
-        s3.create_bucket(name)
-        for key, value in s3.env().items():
-            monkeypatch.setenv(key, value)
-        settings["object_store"] = f"s3://{name}/deployment"
-    else:
-        (tmp_path / "shared").mkdir()
-        settings["object_store"] = f"file://{tmp_path / 'shared'}"
-    return settings
-
-
-def replica(deployment: dict[str, object], tmp_path: Path, name: str) -> State:
-    settings = {"home": tmp_path / name, **deployment, "replica_id": name}
-    return open_state(StoreSettings(**settings))  # type: ignore[arg-type]
-
-
-def png(seed: int) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 256, (6, 5, 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def register(state: State, tmp_path: Path, seed: int = 0, **overrides: object) -> str:
@@ -89,9 +38,6 @@ def register(state: State, tmp_path: Path, seed: int = 0, **overrides: object) -
         dataset_fingerprint=None)
     kwargs.update(overrides)
     return state.registry.register(**kwargs).version  # type: ignore[arg-type]
-
-
-parametrized = pytest.mark.parametrize("deployment", BACKENDS, indirect=True)
 
 
 @parametrized
@@ -406,16 +352,22 @@ def test_copy_a_single_machine_home_into_the_shared_state(deployment: dict[str, 
     with tarfile.open(ROOT / "tests/fixtures/state-eb365a9.tar.gz") as archive:
         archive.extractall(source, filter="data")
     expected = json.loads((ROOT / "tests/fixtures/state-eb365a9.expected.json").read_text())
+    predictions = [kept(1, 0), kept(1, 1, embedding=np.array([1 / 3, -0.0], np.float32)), kept(2, 2)]
+    open_state(home=source).predictions.add_many(predictions)  # kept since the upgrade
     target = SharedBackend(StoreSettings(home=tmp_path / "replica", **deployment))  # type: ignore[arg-type]
 
     dry = copy_home(source, target, dry_run=True)
-    assert dry.versions_copied == ["v1", "v2", "v3"] and dry.labels == {"stored": 5}
+    assert dry.versions_copied == ["v1", "v2", "v3"] and dry.labels == {"stored": 5} and dry.predictions_copied == 3
     assert target.open_registry().versions() == [] and target.open_labels().counts() == {}  # nothing written
+    assert target.open_predictions().count() == 0 and "would copy" in dry.describe()
     first = copy_home(source, target)
     again = copy_home(source, target)
     assert (first.versions_copied, again.versions_copied, again.versions_present) == (
         ["v1", "v2", "v3"], [], ["v1", "v2", "v3"])
     assert (first.jobs_copied, again.jobs_present, again.labels) == (3, 3, {"unchanged": 5})
+    assert (first.predictions_copied, first.predictions_present, again.predictions_copied,
+            again.predictions_present) == (3, 0, 0, 3)
+    assert "3 kept prediction(s) (0 already there)" in first.describe()
 
     state = State(target)
     pointer = state.registry.active_pointer()
@@ -432,3 +384,11 @@ def test_copy_a_single_machine_home_into_the_shared_state(deployment: dict[str, 
     for job_id, old in expected["jobs"].items():
         assert state.jobs.get(job_id).state == old["state"]  # type: ignore[union-attr]
     assert register(state, tmp_path, 9) == "v4"  # numbering continues above the copied versions
+    assert state.predictions.count() == 3
+    for prediction in predictions:
+        carried = state.predictions.get(prediction.prediction_id)
+        assert (carried.image_id, carried.label, carried.margin, carried.top_k, carried.created_at) == (
+            prediction.image_id, prediction.label, prediction.margin, prediction.top_k, prediction.created_at)
+        assert carried.embedding is not None and prediction.embedding is not None
+        assert carried.embedding.tobytes() == prediction.embedding.tobytes()
+        assert state.predictions.read_image(prediction.prediction_id) == prediction.image

@@ -259,12 +259,12 @@ def test_concurrent_adds_from_processes(tmp_path: Path) -> None:
 
 def test_a_failed_write_stores_nothing_of_the_upload(tmp_path: Path, hymenoptera: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    import store.local.labels as labels_module
+    import store.files as files_module
 
     store = open_state(home=tmp_path / "home").labels
     kept, first, second = small_photos(hymenoptera, "ants", 0, 3)
     store.add(kept, "ants", max_pixels=10**8)
-    real_write = labels_module.write_atomic
+    real_write = files_module.write_atomic
     calls = []
 
     def write_then_fill_the_disk(path: Path, data: bytes) -> None:
@@ -273,7 +273,7 @@ def test_a_failed_write_stores_nothing_of_the_upload(tmp_path: Path, hymenoptera
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         real_write(path, data)
 
-    monkeypatch.setattr(labels_module, "write_atomic", write_then_fill_the_disk)
+    monkeypatch.setattr(files_module, "write_atomic", write_then_fill_the_disk)
     with pytest.raises(errors.StorageError) as caught:
         store.add_many([check_image(first, max_pixels=10**8), check_image(second, max_pixels=10**8)], "bees")
     assert "storing the labelled images failed" in str(caught.value)
