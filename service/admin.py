@@ -19,7 +19,7 @@ from collections.abc import Callable
 from enum import Enum
 from typing import Annotated, Any
 
-from fastapi import Body, FastAPI, File, Form, Path, Request, Security, UploadFile
+from fastapi import Body, FastAPI, File, Form, Path, Query, Request, Response, Security, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.security import HTTPBearer
 from starlette.exceptions import HTTPException
@@ -28,11 +28,13 @@ from starlette.routing import Match
 
 from models.adapt import MIN_TARGET_IMAGES, AdaptParams, AdaptRefused, AlignmentMethod, check_adaptable
 from models.errors import InputError, ModelError, VersionNotFoundError
-from models.preprocess import SUPPORTED_FORMATS
+from models.preprocess import SUPPORTED_FORMATS, image_media_type
 from models.retrain import RetrainParams, RetrainRefused
+from models.review import CANDIDATE_FACTOR, MAX_CANDIDATES, spread_out
 from store.errors import BACKEND_ERRORS, StorageError, StoreUnavailable, storage_failure
 from store.jobs import Job, JobConflict, JobKind
 from store.labels import LABEL_PATTERN, MAX_LABEL_LENGTH, CheckedImage, check_image, validate_domain, validate_label
+from store.predictions import KeptPrediction, PredictionNotFoundError, ReviewOrder
 from store.registry import parent_model
 from store.state import State
 
@@ -44,12 +46,16 @@ from .providers import serves_on_cpu
 from .runtime import served_variant
 from .schemas import (
     Activated,
+    Feedback,
     LabelDeleted,
     LabelsStored,
     LabelSummary,
     ModelList,
     ModelSummary,
+    PredictionDeleted,
     Replica,
+    ReviewItem,
+    ReviewQueue,
     StoredImage,
 )
 from .settings import Settings
@@ -133,6 +139,10 @@ ImageId = Annotated[str, _id_parameter("a labelled image's id, as POST /admin/la
 JobId = Annotated[str, _id_parameter("a retrain job's id, as POST /admin/retrain returned it",
                                      "^[0-9a-f]{32}$", "0" * 32)]
 Version = Annotated[str, _id_parameter("a model version", "^v[0-9]+$", "v1")]
+PredictionId = Annotated[str, _id_parameter("a kept prediction's id, as /predict returned it", "^[0-9a-f]{32}$",
+                                            "0" * 32)]
+#: Most items one review request returns.
+MAX_REVIEW_ITEMS = 100
 
 
 # -- the framework's own answers, mapped onto the API's contract ------------------------------------
@@ -153,9 +163,10 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     other invalid input as a 422 naming what is wrong (``detail``: pydantic's list, without the
     echoed input)."""
     errors = exc.errors()
+    upload = "json" not in request.headers.get("content-type", "")  # the form routes' fields, not a JSON body's
     for error in errors:
         field = error.get("loc", ())[-1:]
-        if error.get("type") == "missing" and field and field[0] in _MISSING_FIELDS:
+        if upload and error.get("type") == "missing" and field and field[0] in _MISSING_FIELDS:
             return _MISSING_FIELDS[field[0]].response()
     detail = [{"loc": [part for part in error.get("loc", ()) if part != "body"], "msg": error.get("msg"),
                "type": error.get("type")} for error in errors]
@@ -465,5 +476,79 @@ def create_admin_app(settings: Settings, state: State) -> FastAPI:
             raise ApiError(409, f"version {display_name(version)} cannot be activated: {exc}") from None
         return Activated(active=version)
 
+    # -- kept predictions: the review queue and feedback -------------------------------------------
+
+    @app.get("/review", operation_id="admin_review", summary="Kept predictions to review, least certain first",
+             tags=TAGS, response_model=ReviewQueue,
+             responses={200: {"description": "Unlabelled kept predictions", "links": {"GetPredictionImage": {
+                 "operationId": "admin_prediction_image",
+                 "parameters": {"prediction_id": "$response.body#/items/0/prediction_id"}}}},
+                        **documented(422, s422=f"limit outside 1..{MAX_REVIEW_ITEMS}, or an unknown order")})
+    async def review(limit: Annotated[int, Query(ge=1, le=MAX_REVIEW_ITEMS, description="most items")] = 20,
+                     order: Annotated[ReviewOrder, Query(description="margin: smallest top-1 minus top-2 score "
+                                                         "first; entropy: highest entropy of the scores first")]
+                     = "margin") -> ReviewQueue:
+        def queue() -> ReviewQueue:
+            pool = min(limit * CANDIDATE_FACTOR, MAX_CANDIDATES)
+            candidates = state.predictions.unlabelled(order=order, limit=pool)
+            chosen = [candidates[i] for i in spread_out([c.embedding for c in candidates], limit)]
+            return ReviewQueue(items=[_review_item(kept) for kept in chosen], kept=state.predictions.count())
+
+        return await asyncio.to_thread(queue)
+
+    @app.post("/feedback", operation_id="admin_feedback", summary="Label a kept prediction's image", tags=TAGS,
+              response_model=LabelsStored, response_model_exclude_unset=True,
+              responses={200: {"description": "Stored in the label store, as POST /admin/labels stores"},
+                         **documented(*GUARDED, 404, 422, s404="No kept prediction with that id",
+                                      s422="Missing or invalid label, domain or prediction id")})
+    async def feedback(body: Feedback) -> LabelsStored:
+        try:
+            validate_label(body.label)
+            validate_domain(body.domain)
+            data = await asyncio.to_thread(state.predictions.read_image, body.prediction_id)
+        except PredictionNotFoundError:
+            raise ApiError(404, f"no kept prediction '{display_name(body.prediction_id)}' (removed, or never kept)") \
+                from None
+        except InputError as exc:
+            raise api_error(exc) from None
+        try:
+            checked = await asyncio.to_thread(check_image, data, max_pixels=settings.max_pixels)
+        except InputError as exc:  # kept under a larger pixel limit than this server's
+            raise api_error(exc) from None
+        results = await _store_labels([checked], body.label, body.domain)
+        counts = await asyncio.to_thread(state.labels.counts)
+        return LabelsStored(stored=[StoredImage.of(results[0], f"prediction-{body.prediction_id}")], counts=counts)
+
+    @app.delete("/predictions/{prediction_id}", operation_id="admin_delete_prediction",
+                summary="Delete a kept prediction", tags=TAGS, response_model=PredictionDeleted,
+                responses={200: {"description": "Deleted, with its image unless another kept prediction has it"},
+                           **documented(404, s404="No kept prediction with that id")})
+    async def delete_prediction(prediction_id: PredictionId) -> PredictionDeleted:
+        if not await asyncio.to_thread(state.predictions.delete, prediction_id):
+            raise ApiError(404, f"no kept prediction '{display_name(prediction_id)}'")
+        return PredictionDeleted(deleted=prediction_id)
+
+    @app.get("/predictions/{prediction_id}/image", operation_id="admin_prediction_image",
+             summary="A kept prediction's image", tags=TAGS, response_class=Response,
+             responses={200: {"description": "The image's bytes as the client sent them",
+                              "content": {"image/*": {"schema": {"type": "string", "format": "binary"}}}},
+                        **documented(404, s404="No kept prediction with that id")})
+    async def prediction_image(prediction_id: PredictionId) -> Response:
+        try:
+            data = await asyncio.to_thread(state.predictions.read_image, prediction_id)
+        except PredictionNotFoundError:
+            raise ApiError(404, f"no kept prediction '{display_name(prediction_id)}'") from None
+        # users' images: never cached by a proxy or the browser, never sniffed into another type
+        return Response(data, media_type=image_media_type(data),
+                        headers={"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff",
+                                 "Content-Security-Policy": "default-src 'none'"})
+
     app.add_middleware(AdminAuth, token=admin_token(settings))
     return app
+
+
+def _review_item(kept: KeptPrediction) -> ReviewItem:
+    return ReviewItem(prediction_id=kept.prediction_id, image_id=kept.image_id, label=kept.label, score=kept.score,
+                      margin=kept.margin, entropy=kept.entropy,
+                      top_k=[{"label": label, "score": score} for label, score in kept.top_k],
+                      model_version=kept.version, created_at=kept.created_at.isoformat())

@@ -20,6 +20,10 @@ class Prediction(BaseModel):
     score: float = Field(description="its softmax probability")
     top_k: list[LabelScore] = Field(description="the k most probable labels, best first")
     model_version: str = Field(description="the model version that produced this result")
+    prediction_id: str | None = Field(
+        None, pattern="^[0-9a-f]{32}$",
+        description="present when this image was kept for review (TRANSFER_SERVE_KEEP_PREDICTIONS): give it to "
+                    "POST /admin/feedback to label the image")
 
 
 def build_predictions(probabilities: np.ndarray, labels: Sequence[str], top_k: int,

@@ -27,7 +27,7 @@ import numpy as np
 from models.errors import ModelError
 from models.onnx_io import CPU_RUN_SLICE, PIXELS_INPUT, run_bound, serving_graph, softmax
 from models.preprocess import normalise_crops
-from models.spec import ONNX_INPUT, ONNX_LOGITS, ModelSpec
+from models.spec import ONNX_EMBEDDING, ONNX_INPUT, ONNX_LOGITS, ModelSpec
 from store.registry import HEARTBEAT_S, ModelRegistry, ModelVersion
 
 from .providers import CPU, session_providers
@@ -258,17 +258,33 @@ class ModelRuntime:
     def infer(self, crops: np.ndarray) -> tuple[LoadedModel, np.ndarray]:
         """Softmax probabilities (N, C) of a batch of uint8 crops (N, S, S, 3) from
         :func:`models.preprocess.decode_and_crop`, and the model that made them."""
+        model, probabilities, _ = self._run(crops, embeddings=False)
+        return model, probabilities
+
+    def infer_with_embeddings(self, crops: np.ndarray) -> tuple[LoadedModel, np.ndarray, np.ndarray]:
+        """:meth:`infer`, and the backbone's embeddings (N, E) of the same run (the graph computes
+        them anyway: fetching them costs only the copy)."""
+        model, probabilities, embeddings = self._run(crops, embeddings=True)
+        assert embeddings is not None  # noqa: S101 - asked for above
+        return model, probabilities, embeddings
+
+    def _run(self, crops: np.ndarray, *, embeddings: bool) -> tuple[LoadedModel, np.ndarray, np.ndarray | None]:
         model = self._loaded
         if model is None:
             raise ModelNotLoaded("no model version is loaded yet")
         size = model.spec.preprocess.input_size
         if crops.ndim != 4 or crops.shape[1:] != (size, size, 3):
             raise ValueError(f"batch shape {crops.shape} does not fit {model.version} ({size}, {size}, 3)")
-        if model.pixels_input:
+        if model.pixels_input and not embeddings:
             logits = run_bound(model.session, {PIXELS_INPUT: crops}, ONNX_LOGITS, (len(crops), model.spec.num_classes))
+            return model, softmax(logits), None
+        outputs = [ONNX_LOGITS, ONNX_EMBEDDING] if embeddings else [ONNX_LOGITS]
+        if model.pixels_input:
+            results = [model.session.run(outputs, {PIXELS_INPUT: crops})]
         else:  # the CPU provider: the batch in cache-sized slices, each normalised just before its run
-            logits = np.concatenate([
-                model.session.run([ONNX_LOGITS], {ONNX_INPUT: normalise_crops(crops[start:start + CPU_RUN_SLICE],
-                                                                              model.spec.preprocess)})[0]
-                for start in range(0, len(crops), CPU_RUN_SLICE)])
-        return model, softmax(logits)
+            results = [model.session.run(outputs, {ONNX_INPUT: normalise_crops(crops[start:start + CPU_RUN_SLICE],
+                                                                                model.spec.preprocess)})
+                       for start in range(0, len(crops), CPU_RUN_SLICE)]
+        logits = np.concatenate([result[0] for result in results])
+        vectors = np.concatenate([result[1] for result in results]) if embeddings else None
+        return model, softmax(logits), vectors

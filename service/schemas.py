@@ -92,3 +92,34 @@ class ModelList(BaseModel):
 
 class Activated(BaseModel):
     active: str
+
+
+class ReviewItem(BaseModel):
+    """A kept, unlabelled prediction waiting for an operator's label."""
+
+    prediction_id: str = Field(pattern="^[0-9a-f]{32}$")
+    image_id: str = Field(pattern="^[0-9a-f]{64}$", description="SHA-256 of the image bytes")
+    label: str = Field(description="the predicted (top-1) label")
+    score: float = Field(description="its softmax probability")
+    margin: float = Field(description="top-1 minus top-2 score: 0 is a tie")
+    entropy: float = Field(description="entropy of the scores over log(number of labels): 1 is uniform")
+    top_k: list[dict[str, Any]] = Field(description="the best labels and scores, best first ({label, score})")
+    model_version: str
+    created_at: str = Field(description="when it was predicted, ISO 8601 UTC")
+
+
+class ReviewQueue(BaseModel):
+    items: list[ReviewItem] = Field(description="least certain first, near-duplicates spread out")
+    kept: int = Field(ge=0, description="kept predictions in all, labelled ones included")
+
+
+class Feedback(BaseModel):
+    """``POST /admin/feedback``: the label of a kept prediction's image."""
+
+    prediction_id: str = Field(description="as /predict returned it", examples=["0" * 32])
+    label: str = Field(description="the image's class (the predicted one confirms it), named as in POST /admin/labels")
+    domain: str | None = Field(None, description="optional domain tag, as in POST /admin/labels")
+
+
+class PredictionDeleted(BaseModel):
+    deleted: str = Field(description="the prediction id")

@@ -12,8 +12,9 @@ import asyncio
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, cast
+from typing import Annotated, Any, cast
 
 import bentoml
 import numpy as np
@@ -27,10 +28,13 @@ from store.state import open_state
 from .active import ActiveVersion
 from .admin import admin_gate, create_admin_app
 from .errors import GUARDED, STATUS_TEXT, ApiError, api_error
+from .keeper import Offer, PredictionKeeper
 from .limits import RequestGuard, display_name
+from .metrics import observe_predictions
 from .openapi import JSONRoutingErrors, OpenAPIDocument
 from .predict import Prediction, build_predictions
 from .settings import get_settings
+from .ui import create_ui_app
 
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
 log = logging.getLogger("transfer_serve")
@@ -69,12 +73,18 @@ class Inference:
 
     @bentoml.api(batchable=True, max_batch_size=settings.max_batch_size, max_latency_ms=settings.max_latency_ms)
     def infer(self, batch: np.ndarray) -> np.ndarray:
-        """uint8 crops (N, S, S, 3) -> (N, 1 + C): column 0 is the number of the model version
-        that ran the batch (v7 -> 7.0), the rest are softmax probabilities. Crops, not float
+        """uint8 crops (N, S, S, 3) -> (N, 1 + C [+ E]): column 0 is the number of the model version
+        that ran the batch (v7 -> 7.0), the next C are softmax probabilities, and when predictions
+        are kept, the last E are the backbone's embedding. Crops, not float
         tensors, cross the process boundary: a quarter of the bytes to copy and parse."""
-        model, probabilities = self.runtime.infer(batch)
+        if settings.keep_predictions > 0:  # kept predictions store their embedding (the review queue's de-dup)
+            model, probabilities, embeddings = self.runtime.infer_with_embeddings(batch)
+            columns = [probabilities, embeddings]
+        else:
+            model, probabilities = self.runtime.infer(batch)
+            columns = [probabilities]
         version_column = np.full((len(batch), 1), model.number, dtype=np.float32)
-        return np.concatenate([version_column, probabilities.astype(np.float32)], axis=1)
+        return np.concatenate([version_column, *(c.astype(np.float32) for c in columns)], axis=1)
 
 
 #: What /predict answers besides 200, for its entry in the API document (BentoML's decorator
@@ -111,6 +121,13 @@ class TransferServe:
             failed = 0
         if failed:
             log.warning("%d retrain job(s) were running when the service stopped: marked failed", failed)
+        self.keeper = PredictionKeeper(lambda: state.predictions, fraction=settings.keep_predictions,
+                                       max_items=settings.keep_max_items, max_days=settings.keep_max_days,
+                                       queue_size=settings.keep_queue)
+        self.keeper.start()
+        if self.keeper.enabled:
+            log.info("keeping %g of predicted images for review (at most %d, for %g days)", settings.keep_predictions,
+                     settings.keep_max_items, settings.keep_max_days)
         # decoding and resizing release the GIL: threads give real parallelism here
         self.pool = ThreadPoolExecutor(max_workers=max(2, settings.intra_op_threads), thread_name_prefix="decode")
 
@@ -127,6 +144,22 @@ class TransferServe:
 
         arrays = await asyncio.gather(*(loop.run_in_executor(self.pool, one, i) for i in range(len(blobs))))
         return np.stack(arrays)
+
+    def _keep(self, blobs: list[bytes], version: str, spec: ModelSpec, probabilities: np.ndarray,
+              embeddings: np.ndarray, predictions: list[dict[str, Any]]) -> None:
+        """Offer the sampled images to the keeper; those it takes get their ``prediction_id``."""
+        now = datetime.now(UTC)
+        for index, result in enumerate(predictions):
+            prediction_id = self.keeper.new_id()
+            embedding = embeddings[index] if embeddings.shape[1] else None
+            if prediction_id and self.keeper.offer(Offer(prediction_id, blobs[index], version, spec.labels,
+                                                         probabilities[index], embedding, now)):
+                result["prediction_id"] = prediction_id
+
+    @bentoml.on_shutdown
+    async def write_queued_predictions(self) -> None:
+        """On a graceful stop, write what is still queued for keeping (bounded: the keeper's timeout)."""
+        await asyncio.to_thread(self.keeper.stop)
 
     @bentoml.api(route="/predict")
     async def predict(
@@ -170,8 +203,13 @@ class TransferServe:
                 # A swap between preprocessing and inference: results are only valid if the
                 # version that ran uses the same preprocessing and all images ran on it.
                 if not numbers and ran_spec.preprocess == spec.preprocess:
+                    probabilities = output[:, 1:1 + ran_spec.num_classes]
                     # sent as built: BentoML would validate and re-serialise list[Prediction]
-                    predictions = build_predictions(output[:, 1:], ran_spec.labels, top_k, ran)
+                    predictions = build_predictions(probabilities, ran_spec.labels, top_k, ran)
+                    observe_predictions(ran, predictions)
+                    if self.keeper.enabled:
+                        embeddings = output[:, 1 + ran_spec.num_classes:]
+                        self._keep(blobs, ran, ran_spec, probabilities, embeddings, predictions)
                     return JSONResponse(predictions)  # type: ignore[return-value]
                 await asyncio.to_thread(self.active.refresh)
             raise ApiError(503, "the active model changed during the request; retry")
@@ -184,5 +222,6 @@ _service = cast("bentoml.Service[TransferServe]", TransferServe)
 _service.add_asgi_middleware(RequestGuard, max_bytes=settings.max_request_bytes, max_files=settings.max_files,
                              max_file_bytes=settings.max_file_bytes, before_body=admin_gate(settings))
 _service.mount_asgi_app(create_admin_app(settings, state), path="/admin", name="admin")
+_service.mount_asgi_app(create_ui_app(), path="/ui", name="ui")
 _service.add_asgi_middleware(OpenAPIDocument, service=TransferServe, predict_errors=PREDICT_ERRORS)
 _service.add_asgi_middleware(JSONRoutingErrors)  # 404/405 as {"error": ...}, not plain text

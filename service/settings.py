@@ -56,6 +56,14 @@ class Settings(StoreSettings):
     max_request_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="largest request body (413 above)")
     max_pixels: int = Field(40_000_000, ge=1, description="largest decoded image, width x height (413 above)")
     default_top_k: int = Field(5, ge=1)
+    keep_predictions: float = Field(
+        0.0, ge=0.0, le=1.0,
+        description="fraction of predicted images kept for review (per image; 0 = none, 1 = all). These are users' "
+        "images: keep only what your users agreed to, and bound them with the two settings below")
+    keep_max_items: int = Field(10_000, ge=1, description="most kept predictions; the oldest go first")
+    keep_max_days: float = Field(30.0, gt=0.0, description="kept predictions older than this many days are removed")
+    keep_queue: int = Field(256, ge=1, le=100_000,
+                            description="predictions waiting to be written; what does not fit is dropped (and counted)")
     admin_token: SecretStr | None = Field(
         None, description="bearer token for /admin/*; unset = admin routes refuse every call")
 

@@ -72,7 +72,8 @@ def test_bentoml_build_packs_the_code_and_its_requirements(tmp_path: Path) -> No
     (bento,) = [path.parent for path in bentoml_home.glob("bentos/*/*/bento.yaml")]
     src = bento / "src"
     for path in ("service/service.py", "store/registry.py", "store/local/registry.py", "training/__main__.py",
-                 "training/samples/chelsea.jpg", "training/samples/coffee.jpg"):
+                 "training/samples/chelsea.jpg", "training/samples/coffee.jpg", "service/static/index.html",
+                 "service/static/app.js", "service/static/app.css"):
         assert (src / path).is_file(), path
     assert (src / "scripts/entrypoint.sh").stat().st_mode & stat.S_IXUSR
     packed = [path.relative_to(src).as_posix() for path in src.rglob("*")]

@@ -15,14 +15,10 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import errno
 import hashlib
 import json
-import os
 import random
 import shutil
-import subprocess
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Iterator
@@ -52,6 +48,7 @@ from tests.support.load import Answer, Load
 from tests.support.paths import CHELSEA
 from tests.support.polling import eventually
 from tests.support.server import Server, serving, start_server, wait_for_job, wait_until
+from tests.support.volumes import fill, remount_read_only, run_mount, tmpfs
 
 WORKERS = {"TRANSFER_SERVE_WORKERS": "2", "TRANSFER_SERVE_INFERENCE_WORKERS": "2",
            "TRANSFER_SERVE_INTRA_OP_THREADS": "1", "TRANSFER_SERVE_ADMIN_TOKEN": TOKEN}
@@ -76,7 +73,8 @@ def admin(admin_server: Server) -> Iterator[httpx.Client]:
 
 ROUTES = [("GET", "/admin/labels"), ("POST", "/admin/labels"), ("DELETE", "/admin/labels/" + "0" * 64),
           ("POST", "/admin/retrain"), ("GET", "/admin/jobs/x"), ("GET", "/admin/models"),
-          ("POST", "/admin/models/v1/activate")]
+          ("POST", "/admin/models/v1/activate"), ("GET", "/admin/review"), ("POST", "/admin/feedback"),
+          ("DELETE", "/admin/predictions/" + "0" * 32), ("GET", "/admin/predictions/" + "0" * 32 + "/image")]
 
 
 @pytest.mark.slow
@@ -360,6 +358,131 @@ def test_a_job_cut_short_by_a_restart_is_failed_and_the_next_one_succeeds(
         server.stop()
 
 
+# -- the operator's loop: kept predictions, the review queue, feedback --------------------------------
+
+KEEPING = {**STORAGE_ENV, "TRANSFER_SERVE_KEEP_PREDICTIONS": "1"}
+
+
+@pytest.fixture(scope="module")
+def keeping(bootstrapped_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
+    """A server that keeps every predicted image (2 HTTP workers, so offers come from two keepers)."""
+    root = tmp_path_factory.mktemp("keeping")
+    shutil.copytree(bootstrapped_home, root / "home")
+    with serving(root / "home", root / "serve.log", KEEPING) as server, \
+            httpx.Client(base_url=server.url, timeout=60, headers=AUTH) as http:
+        yield http
+
+
+def kept_ids(http: httpx.Client, blobs: list[bytes]) -> list[str]:
+    """``POST /predict`` of ``blobs``; the prediction ids, once every one is in the review queue."""
+    response = http.post("/predict", files=[("images", (f"{i}.jpg", b)) for i, b in enumerate(blobs)])
+    assert response.status_code == 200, response.text
+    ids = [result["prediction_id"] for result in response.json()]
+    def all_kept() -> bool:
+        return all(http.get(f"/admin/predictions/{p}/image").status_code == 200 for p in ids)
+    eventually(all_kept, timeout=20)
+    return ids
+
+
+def queue(http: httpx.Client, **params: str | int) -> list[dict]:
+    response = http.get("/admin/review", params=params)
+    assert response.status_code == 200, response.text
+    return response.json()["items"]
+
+
+def test_kept_predictions_carry_an_unguessable_id_and_their_image_comes_back(
+        keeping: httpx.Client, admin: httpx.Client, hymenoptera: Path) -> None:
+    photos = small_photos(hymenoptera, "ants", 40, 3)
+    ids = kept_ids(keeping, photos)
+    assert len(set(ids)) == 3 and all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+    image = keeping.get(f"/admin/predictions/{ids[1]}/image")
+    assert image.content == photos[1] and image.headers["content-type"] == "image/jpeg"
+    assert image.headers["cache-control"] == "no-store" and image.headers["x-content-type-options"] == "nosniff"
+    # not kept: a server without TRANSFER_SERVE_KEEP_PREDICTIONS gives no id
+    plain = admin.post("/predict", files=[("images", ("a.jpg", photos[0]))])
+    assert plain.status_code == 200 and "prediction_id" not in plain.json()[0]
+
+
+def test_the_review_queue_is_least_certain_first_one_item_per_image(keeping: httpx.Client, hymenoptera: Path) -> None:
+    photos = small_photos(hymenoptera, "bees", 40, 6)
+    ids = kept_ids(keeping, [*photos, photos[0]])  # the same bytes twice: one item
+    items = queue(keeping, limit=100)
+    listed = [item["prediction_id"] for item in items]
+    assert (ids[0] in listed) != (ids[6] in listed)  # one prediction of those bytes stands for them
+    assert len({item["image_id"] for item in items}) == len(items)
+    margins = [item["margin"] for item in items]
+    assert margins == sorted(margins)
+    entropies = [item["entropy"] for item in queue(keeping, limit=100, order="entropy")]
+    assert entropies == sorted(entropies, reverse=True)
+    first = items[0]
+    assert first["top_k"][0]["label"] == first["label"] and first["model_version"] == "v1"
+    assert first["margin"] == pytest.approx(first["top_k"][0]["score"] - first["top_k"][1]["score"], abs=1e-5)
+    assert len(queue(keeping, limit=2)) == 2
+    assert keeping.get("/admin/review").json()["kept"] >= 7
+
+
+def test_feedback_labels_a_kept_image_as_an_upload_would(keeping: httpx.Client, hymenoptera: Path) -> None:
+    photo = small_photos(hymenoptera, "ants", 50, 1)[0]
+    (prediction_id,) = kept_ids(keeping, [photo])
+    answer = keeping.post("/admin/feedback", json={"prediction_id": prediction_id, "label": "ant"})
+    assert answer.status_code == 200, answer.text
+    stored = answer.json()["stored"][0]
+    assert stored["status"] == "stored" and stored["image_id"] == sha(photo) and answer.json()["counts"]["ant"] >= 1
+    assert prediction_id not in [item["prediction_id"] for item in queue(keeping, limit=100)]  # labelled now
+    again = keeping.post("/admin/feedback", json={"prediction_id": prediction_id, "label": "ant"}).json()
+    assert again["stored"][0]["status"] == "unchanged"
+    moved = keeping.post("/admin/feedback", json={"prediction_id": prediction_id, "label": "bee"}).json()
+    assert moved["stored"][0]["status"] == "moved" and moved["stored"][0]["previous_label"] == "ant"
+    assert keeping.get("/admin/labels").json()["counts"].get("bee", 0) >= 1
+
+
+@pytest.mark.parametrize(("body", "status", "words"), [
+    ({"prediction_id": "0" * 32, "label": "ant"}, 404, "no kept prediction"),
+    ({"prediction_id": "../../etc/passwd", "label": "ant"}, 404, "no kept prediction"),
+    ({"prediction_id": "KEPT", "label": "a/b"}, 422, "label 'a/b' may only contain"),
+    ({"prediction_id": "KEPT", "label": ""}, 422, "the label is empty"),
+    ({"prediction_id": "KEPT"}, 422, "label: Field required"),
+    ({"label": "ant"}, 422, "prediction_id: Field required"),
+    ({"prediction_id": "KEPT", "label": "ant", "domain": "x/y"}, 422, "domain:"),
+])
+def test_bad_feedback_is_refused_and_stores_nothing(keeping: httpx.Client, hymenoptera: Path, body: dict,
+                                                    status: int, words: str) -> None:
+    (prediction_id,) = kept_ids(keeping, small_photos(hymenoptera, "ants", 60, 1))
+    before = keeping.get("/admin/labels").json()["counts"]
+    sent = {key: prediction_id if value == "KEPT" else value for key, value in body.items()}
+    answer = keeping.post("/admin/feedback", json=sent)
+    assert answer.status_code == status and words in answer.json()["error"], answer.text
+    assert keeping.get("/admin/labels").json()["counts"] == before
+
+
+def test_malformed_feedback_json_is_400_as_on_every_json_route(keeping: httpx.Client) -> None:
+    answer = keeping.post("/admin/feedback", content=b"{not json", headers={"content-type": "application/json"})
+    assert answer.status_code == 400 and "malformed JSON body" in answer.json()["error"], answer.text
+
+
+def test_deleting_a_kept_prediction_keeps_an_image_another_one_uses(keeping: httpx.Client, hymenoptera: Path) -> None:
+    photo = small_photos(hymenoptera, "bees", 60, 1)[0]
+    first, second = kept_ids(keeping, [photo, photo])
+    deleted = keeping.delete(f"/admin/predictions/{first}")
+    assert deleted.status_code == 200 and deleted.json() == {"deleted": first}
+    assert keeping.get(f"/admin/predictions/{first}/image").status_code == 404
+    assert keeping.get(f"/admin/predictions/{second}/image").content == photo  # the bytes are still used
+    assert keeping.delete(f"/admin/predictions/{second}").status_code == 200
+    gone = keeping.delete(f"/admin/predictions/{second}")
+    assert gone.status_code == 404 and "no kept prediction" in gone.json()["error"]
+    assert keeping.get(f"/admin/predictions/{'z' * 32}/image").status_code == 404
+
+
+def test_confidence_and_keeping_metrics(keeping: httpx.Client, hymenoptera: Path) -> None:
+    kept_ids(keeping, small_photos(hymenoptera, "ants", 70, 2))
+    text = keeping.get("/metrics").text
+    assert 'transfer_serve_top1_score_bucket{le="0.5",model_version="v1"}' in text, text[:2000]
+    assert 'transfer_serve_predicted_labels_total{' in text and 'model_version="v1"' in text
+    kept = [line for line in text.splitlines()
+            if line.startswith('transfer_serve_kept_predictions_total{outcome="kept"}')]
+    assert kept and float(kept[0].split()[-1]) >= 2
+
+
 # -- storage: uploads under load, a damaged state directory, a full or read-only volume -------------
 #
 # On the storage server (tests/service/conftest.py), or on servers of their own (slow).
@@ -454,57 +577,6 @@ def test_a_file_where_a_directory_should_be(storage_server: Server, storage_admi
 
 
 # -- a full, then read-only, volume (tmpfs; needs mount) --------------------------------------------
-
-def run_mount(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["mount", *args], capture_output=True, text=True, check=False)
-
-
-@contextlib.contextmanager
-def tmpfs(path: Path, size: str) -> Iterator[Path]:
-    path.mkdir(parents=True)
-    mounted = run_mount("-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)) if shutil.which("mount") else None
-    if mounted is None or mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip() if mounted else 'no mount command'})")
-    try:
-        yield path
-    finally:
-        if subprocess.run(["umount", str(path)], check=False).returncode != 0:
-            subprocess.run(["umount", "-l", str(path)], check=False)
-
-
-def remount_read_only(volume: Path, timeout: float = 30) -> None:
-    """``mount -o remount,ro``, retried while the volume is busy: the failed retrain job's
-    process may still hold its log file open for writing for a moment after it reported."""
-    stderr = ""
-
-    def remounted() -> bool:
-        nonlocal stderr
-        done = run_mount("-o", "remount,ro", str(volume))
-        stderr = done.stderr
-        if done.returncode != 0 and "busy" not in stderr:
-            pytest.fail(f"cannot remount {volume} read-only: {stderr}")
-        return done.returncode == 0
-
-    eventually(remounted, timeout=timeout, interval=0.2, message=lambda: f"cannot remount {volume} read-only: {stderr}")
-
-
-def fill(volume: Path, name: str, leave: int) -> Path:
-    """A file that takes all the free space of ``volume`` but ``leave`` bytes."""
-    stats = os.statvfs(volume)
-    free = stats.f_bavail * stats.f_frsize
-    filler = volume / name
-    with filler.open("wb") as fh:
-        remaining = free - leave
-        block = bytes(1 << 20)
-        while remaining > 0:
-            try:
-                remaining -= fh.write(block[: min(len(block), remaining)])
-            except OSError as exc:
-                if exc.errno != errno.ENOSPC:
-                    raise
-                break
-    return filler
-
 
 @pytest.mark.slow
 def test_full_then_read_only_volume(bootstrapped_home: Path, tmp_path: Path, hymenoptera: Path) -> None:
