@@ -18,6 +18,9 @@ Setups:
   floor    ``bentoml serve bench.floor_service:Floor``: the same HTTP contract answered without
            decoding or inference: what receiving, parsing and answering a request costs. With the
            limit it gives the ceiling: the most any service with this contract could reach here
+  keep     the service as shipped with TRANSFER_SERVE_KEEP_PREDICTIONS=1 (every image kept for review:
+           its bytes, results and embedding queued and written by the background writer), on its
+           own copy of the state directory: what keeping costs, as keep/service per round
   baseline with ``--baseline DIR``: the service of another checkout of this project (an earlier
            commit, with its own .venv and its own bootstrapped state), measured in the same rounds
            with the same load generator: the one fair way to tell whether a change cost throughput
@@ -45,6 +48,7 @@ import math
 import os
 import platform
 import queue
+import shutil
 import tempfile
 import threading
 import time
@@ -77,7 +81,9 @@ from bench.common import (
 )
 from tests.support.polling import eventually
 
-SETUPS = ("service", "limit", "naive", "floor")
+#: What the keep setup adds to the service's environment: every image kept.
+KEEP_ENV = {"TRANSFER_SERVE_KEEP_PREDICTIONS": "1"}
+SETUPS = ("service", "limit", "naive", "floor", "keep")
 BATCH_SIZES = (1, 4, 8, 16, 32)
 #: The issue's targets, stated at concurrency 32: service throughput >= factor x the other setup.
 TARGETS = {"limit": 0.8, "naive": 2.0}
@@ -378,6 +384,10 @@ def ratios(results: Mapping[str, dict[str, Any]], concurrency: int) -> dict[str,
     out = {}
     if "service" in results and "baseline" in results and results["baseline"]["throughput"]:
         out["service/baseline"] = {"ratio": results["service"]["throughput"] / results["baseline"]["throughput"]}
+    if "service" in results and "keep" in results:
+        pairs = zip(results["keep"]["throughput_per_round"], results["service"]["throughput_per_round"], strict=False)
+        out["keep/service"] = {"ratio": results["keep"]["throughput"] / results["service"]["throughput"],
+                               "per_round": [keep / plain for keep, plain in pairs if plain]}
     for other, target in TARGETS.items():
         ratio = None
         if "service" in results and other in results and results[other]["throughput"]:
@@ -482,7 +492,9 @@ def print_report(results: Mapping[str, dict[str, Any]], failures: Mapping[str, s
     for key, figure in summary["ratios"].items():
         ratio, target = figure["ratio"], figure.get("target")
         if target is None:  # a comparison, not a target
-            print(f"  {key:<17}{_fmt(ratio, '.3f'):>6}")
+            rounds = figure.get("per_round")
+            print(f"  {key:<17}{_fmt(ratio, '.3f'):>6}"
+                  + (f"   per round: {' / '.join(f'{r:.3f}' for r in rounds)}" if rounds else ""))
             continue
         verdict = "not measured" if ratio is None else ("met" if figure["met"] else "not met")
         print(f"  {key:<17}{_fmt(ratio, '.2f'):>6}   target >= {target:g}   {verdict}")
@@ -594,7 +606,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         provider_env = {k: v for k, v in args.service_env.items() if k.startswith(PROVIDER_SETTINGS)}
         targets = {"service": ("service.service:TransferServe", args.service_env),
                    "naive": ("bench.naive_service:Naive", provider_env),
-                   "floor": ("bench.floor_service:Floor", {})}
+                   "floor": ("bench.floor_service:Floor", {}),
+                   "keep": ("service.service:TransferServe", {**args.service_env, **KEEP_ENV})}
         if args.baseline is not None:
             baseline = args.baseline.resolve()
             baseline_home = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-baseline-")))
@@ -616,6 +629,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                     servers[name] = stack.enter_context(serving(
                         "service.service:TransferServe", baseline_home, log_dir, env=args.service_env,
                         checkout=baseline, log_name="baseline.log"))
+                    progress(f"{name}: ready at {servers[name].url}")
+                elif name == "keep":  # its own copy of the state: the kept predictions stay out of the others'
+                    keep_home = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-keep-"))) / "home"
+                    shutil.copytree(home, keep_home)
+                    target, env = targets[name]
+                    progress(f"keep: starting `bentoml serve {target}` with TRANSFER_SERVE_KEEP_PREDICTIONS=1")
+                    servers[name] = stack.enter_context(serving(target, keep_home, log_dir, env=env,
+                                                                log_name="keep.log"))
                     progress(f"{name}: ready at {servers[name].url}")
                 else:
                     target, env = targets[name]
