@@ -5,23 +5,17 @@ given times). Without promtool the tests fail: `scripts/test` installs it (Debia
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 
-import pytest
-
 from tests.support.paths import ROOT
+from tests.support.tools import required_tool
 
 RULES = ROOT / "deploy" / "prometheus" / "alerts.yaml"
 RULE_TESTS = ROOT / "deploy" / "prometheus" / "alerts.test.yaml"
 
 
 def promtool() -> str:
-    found = shutil.which("promtool")
-    if found is None:
-        pytest.fail("promtool is not installed: scripts/test installs it (apt-get install --no-install-recommends "
-                    "prometheus)", pytrace=False)
-    return found
+    return required_tool("promtool", "scripts/test installs it (apt-get install --no-install-recommends prometheus)")
 
 
 def run_promtool(*args: str) -> None:

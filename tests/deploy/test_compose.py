@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ import yaml
 from service.settings import Settings
 from tests.support.net import free_port
 from tests.support.paths import ROOT
+from tests.support.tools import required_tool
 
 SINGLE_NODE = ROOT / "compose.yaml"
 SCALE_OUT = ROOT / "deploy" / "compose" / "scale-out.yaml"
@@ -53,11 +53,8 @@ class Port:
 
 
 def docker_compose() -> str:
-    found = shutil.which("docker-compose")
-    if found is None:
-        pytest.fail("docker-compose is not installed: apt-get install docker-compose (Debian bookworm's 1.29, "
-                    "the oldest version the compose files are written for)", pytrace=False)
-    return found
+    return required_tool("docker-compose", "apt-get install docker-compose (Debian bookworm's 1.29, the oldest "
+                         "version the compose files are written for)")
 
 
 def run_config(file: Path, variables: dict[str, str], env_file: Path) -> subprocess.CompletedProcess[str]:

@@ -5,17 +5,16 @@ S3): which backends, the mark that runs a test on each (with the ``deployment`` 
 from __future__ import annotations
 
 import hashlib
-import io
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from store.predictions import NewPrediction, new_prediction_id
 from store.settings import StoreSettings
 from store.state import State, open_state
+from tests.support.images import noise_png
 
 BACKENDS = ["local", "postgres+directory", "postgres+s3"]
 
@@ -32,10 +31,7 @@ def replica(deployment: dict[str, object], tmp_path: Path, name: str) -> State:
 
 def png(seed: int) -> bytes:
     """A tiny PNG of random pixels, different for each seed."""
-    pixels = np.random.default_rng(seed).integers(0, 256, (6, 5, 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
+    return noise_png(5, 6, seed)
 
 
 #: when :func:`kept` predictions are made (plus their minutes)
