@@ -39,7 +39,7 @@ from tests.support.browser import (
     visible_text,
     wait,
 )
-from tests.support.images import jpeg_files
+from tests.support.images import colour_photo, jpeg_files
 from tests.support.polling import eventually
 from tests.support.server import Server, serving
 
@@ -349,3 +349,17 @@ def review_through_the_page(browser: Any, admin: httpx.Client, photos: list[Path
     assert browser.execute_script(loads, reviewed) == [False] * 4
     rest = [blobs[p] for p in kept if p not in (first, second, third, fourth)]
     assert browser.execute_script(loads, rest) == [True] * len(rest)
+
+
+def test_a_hostile_file_name_is_shown_as_text_not_markup(ui_server: Server, browser, tmp_path: Path) -> None:
+    from selenium.webdriver.common.by import By
+
+    hostile = tmp_path / '<img src=x onerror="document.title=\'pwned\'">.jpg'
+    hostile.write_bytes(colour_photo((180, 40, 200), seed=4242))  # bytes no other test uploads
+    signed_in(browser, ui_server.url, TOKEN)
+    open_tab(browser, "upload")
+    upload_files(browser, "ants", [hostile])
+    names = [n.text for n in browser.find_elements(By.CSS_SELECTOR, "#upload-list .name")]
+    assert hostile.name in names, names
+    assert not browser.find_elements(By.CSS_SELECTOR, "#upload-list img")
+    assert browser.title != "pwned"
