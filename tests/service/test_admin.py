@@ -474,6 +474,15 @@ def test_deleting_a_kept_prediction_keeps_an_image_another_one_uses(keeping: htt
     assert keeping.get(f"/admin/predictions/{'z' * 32}/image").status_code == 404
 
 
+@pytest.mark.parametrize(("params", "words"), [
+    ({"limit": 0}, "limit"), ({"limit": 101}, "limit"), ({"limit": "many"}, "limit"), ({"order": "newest"}, "order"),
+])
+def test_a_review_query_out_of_range_is_422_naming_the_parameter(keeping: httpx.Client, params: dict,
+                                                                  words: str) -> None:
+    answer = keeping.get("/admin/review", params=params)
+    assert answer.status_code == 422 and words in answer.json()["error"], answer.text
+
+
 def test_confidence_and_keeping_metrics(keeping: httpx.Client, hymenoptera: Path) -> None:
     kept_ids(keeping, small_photos(hymenoptera, "ants", 70, 2))
     text = keeping.get("/metrics").text
