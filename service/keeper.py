@@ -16,7 +16,6 @@ keeping with one ERROR line; predictions go on, and keeping is tried again every
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import queue
 import random
@@ -65,7 +64,7 @@ def to_new_prediction(offer: Offer) -> NewPrediction:
     probabilities = offer.probabilities[None, :]
     best = np.argsort(-offer.probabilities)[:KEPT_TOP_K]
     return NewPrediction(
-        prediction_id=offer.prediction_id, image_id=hashlib.sha256(offer.image).hexdigest(), image=offer.image,
+        prediction_id=offer.prediction_id, image=offer.image,
         version=offer.version, label=offer.labels[int(best[0])], score=float(offer.probabilities[best[0]]),
         margin=float(margin(probabilities)[0]), entropy=float(normalised_entropy(probabilities)[0]),
         top_k=tuple((offer.labels[int(i)], float(offer.probabilities[i])) for i in best),

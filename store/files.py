@@ -12,16 +12,19 @@ from pathlib import Path
 from typing import Any
 
 
-def write_atomic(path: Path, data: bytes, mode: int | None = None) -> None:
+def write_atomic(path: Path, data: bytes, mode: int | None = None, *, durable: bool = True) -> None:
     """Write ``data`` so that readers see the old file or the new one, never a torn one: a
-    temporary file in the same directory, flushed to disk, then renamed over ``path``
-    (with permission bits ``mode`` if given, else the temporary file's 0o600)."""
+    temporary file in the same directory, flushed to disk (unless ``durable`` is False: then
+    a power cut may leave the file with the wrong bytes, and the reader must be able to tell),
+    then renamed over ``path`` (with permission bits ``mode`` if given, else the temporary
+    file's 0o600)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:12]}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
-            os.fsync(fh.fileno())
+            if durable:
+                os.fsync(fh.fileno())
         if mode is not None:
             os.chmod(tmp, mode)
         os.replace(tmp, path)
@@ -31,14 +34,15 @@ def write_atomic(path: Path, data: bytes, mode: int | None = None) -> None:
         raise
 
 
-def write_unless_present(path: Path, data: bytes) -> bool:
-    """Write ``data`` to ``path`` atomically unless a file of that size is already there (a file
-    named by its content's hash: the same size means the same bytes). Returns whether it wrote."""
+def write_unless_present(path: Path, data: bytes, *, durable: bool = True) -> bool:
+    """Write ``data`` to ``path`` atomically (:func:`write_atomic`) unless a file of that size is
+    already there (a file named by its content's hash: the same size means the same bytes).
+    Returns whether it wrote."""
     with contextlib.suppress(FileNotFoundError):
         if path.stat().st_size == len(data):
             return False
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, data)
+    write_atomic(path, data, durable=durable)
     return True
 
 

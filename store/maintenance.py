@@ -158,7 +158,7 @@ def _copy_jobs(source: State, target: SharedBackend, summary: CopySummary, dry_r
 
 def _copy_predictions(source: State, target: SharedBackend, summary: CopySummary, dry_run: bool) -> None:
     from .local.predictions import SqlitePredictionStore
-    from .predictions import NewPrediction
+    from .predictions import NewPrediction, PredictionNotFoundError
 
     kept = source.predictions
     if not isinstance(kept, SqlitePredictionStore):
@@ -175,11 +175,11 @@ def _copy_predictions(source: State, target: SharedBackend, summary: CopySummary
         new = []
         for p in missing:
             try:
-                image = kept.path_of(p.image_id).read_bytes()
-            except FileNotFoundError:  # deleted while the copy ran
-                log.warning("kept prediction %s lost its image during the copy; not copied", p.prediction_id)
+                image = kept.read_image(p.prediction_id)
+            except PredictionNotFoundError:  # deleted while the copy ran, or its image damaged
+                log.warning("kept prediction %s lost its image; not copied", p.prediction_id)
                 continue
-            new.append(NewPrediction(p.prediction_id, p.image_id, image, p.version, p.label, p.score, p.margin,
+            new.append(NewPrediction(p.prediction_id, image, p.version, p.label, p.score, p.margin,
                                      p.entropy, p.top_k, p.created_at, p.embedding))
         summary.predictions_copied += len(new)
         if not dry_run:

@@ -26,7 +26,7 @@ import re
 import secrets
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
@@ -35,7 +35,6 @@ import numpy as np
 from models.errors import InputError
 
 from .embeddings import decode_vector, encode_vectors
-from .labels import is_image_id
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +46,11 @@ ReviewOrder = Literal["margin", "entropy"]
 
 class PredictionNotFoundError(InputError, LookupError):
     """No kept prediction has that id (or the id does not have the form of one)."""
+
+
+class DamagedImageError(PredictionNotFoundError):
+    """A kept image's bytes no longer match its content hash (see :func:`checked_image`): to
+    callers, the same as an image that is gone."""
 
 
 def new_prediction_id() -> str:
@@ -61,10 +65,11 @@ def is_prediction_id(value: object) -> bool:
 
 @dataclass(frozen=True)
 class NewPrediction:
-    """A prediction to keep, as the serving worker made it."""
+    """A prediction to keep, as the serving worker made it. ``image_id`` is worked out from
+    ``image``, so the content address a backend files the image under is right by construction
+    (and hashed once, in the serving worker's writer thread)."""
 
     prediction_id: str
-    image_id: str  #: SHA-256 of ``image``, lowercase hex
     image: bytes  #: the bytes the client sent
     version: str  #: the model version that answered
     label: str  #: its top-1 label
@@ -75,6 +80,10 @@ class NewPrediction:
     created_at: datetime  #: when it was predicted, timezone-aware UTC
     #: the backbone's embedding of the image as served (None if the worker did not send one)
     embedding: np.ndarray | None = None
+    image_id: str = field(init=False)  #: SHA-256 of ``image``, lowercase hex
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "image_id", hashlib.sha256(self.image).hexdigest())
 
 
 @dataclass(frozen=True)
@@ -159,17 +168,30 @@ class PredictionStore(ABC):
 
 def check_new_prediction(prediction: NewPrediction) -> None:
     """Raise ValueError unless ``prediction`` can be stored as it is: a well-formed prediction
-    id, an image id that is the SHA-256 of its bytes (the content address both backends file it
-    under), finite scores, a timezone-aware ``created_at`` and a 1-D embedding or none."""
+    id, finite scores, a timezone-aware ``created_at`` and a 1-D embedding or none."""
     if not is_prediction_id(prediction.prediction_id):
         raise ValueError(f"{prediction.prediction_id!r} is not a prediction id (32 lowercase hex digits)")
-    if not is_image_id(prediction.image_id) or hashlib.sha256(prediction.image).hexdigest() != prediction.image_id:
-        raise ValueError(f"prediction {prediction.prediction_id}: image_id is not the SHA-256 of the image's bytes")
     scores = [prediction.score, prediction.margin, prediction.entropy, *(score for _, score in prediction.top_k)]
     if not all(isinstance(s, int | float) and math.isfinite(s) for s in scores):
         raise ValueError(f"prediction {prediction.prediction_id}: scores, margin and entropy must be finite numbers")
     check_aware(prediction.created_at, "created_at")
     encode_embedding(prediction)
+
+
+def checked_image(image_id: str, data: bytes) -> bytes:
+    """A kept image's bytes as read back, if they are still the bytes of ``image_id`` (its
+    SHA-256). Backends write kept images without flushing each to disk (a sample kept for review
+    is not worth a disk flush per prediction), so a power cut can leave a file of the right size
+    with the wrong bytes: this check is what keeps those from being shown or labelled.
+
+    Raises:
+        DamagedImageError: they are not.
+    """
+    if hashlib.sha256(data).hexdigest() != image_id:
+        problem = f"kept image {image_id} is damaged (its bytes no longer match its SHA-256)"
+        log.warning("kept predictions: %s; treated as gone", problem)
+        raise DamagedImageError(problem)
+    return data
 
 
 def check_aware(moment: datetime, name: str) -> None:

@@ -34,6 +34,7 @@ from ..predictions import (
     check_aware,
     check_max_items,
     check_new_prediction,
+    checked_image,
     decode_embedding,
     decode_top_k,
     encode_embedding,
@@ -85,10 +86,11 @@ class SqlitePredictionStore(PredictionStore):
         images = {p.image_id: p.image for p in batch.values()}
         written: set[str] = set()  # image ids whose file this call created
         try:
-            # Written (and flushed) outside the database lock, so that workers keeping different
-            # images do not queue behind each other's disk flushes.
+            # Written outside the database lock, so that workers keeping different images do not
+            # queue behind each other's writes; not flushed to disk one by one (checked_image
+            # catches what a power cut damaged), which is most of what keeping costs a worker.
             for image_id, data in images.items():
-                if write_unless_present(self.path_of(image_id), data):
+                if write_unless_present(self.path_of(image_id), data, durable=False):
                     written.add(image_id)
             now = _timestamp(datetime.now(UTC))
             with self.database.transaction() as conn:
@@ -99,7 +101,7 @@ class SqlitePredictionStore(PredictionStore):
                 for image_id in sorted(used):
                     # A delete of the same bytes may have removed the file since it was written;
                     # with the write lock held, nobody can remove it again before the row commits.
-                    if write_unless_present(self.path_of(image_id), images[image_id]):
+                    if write_unless_present(self.path_of(image_id), images[image_id], durable=False):
                         written.add(image_id)
                     conn.execute("INSERT INTO kept_images (id, size, created_at) VALUES (?, ?, ?)"
                                  " ON CONFLICT (id) DO NOTHING", (image_id, len(images[image_id]), now))
@@ -232,7 +234,7 @@ class SqlitePredictionStore(PredictionStore):
             rows = self._query("SELECT image_id FROM predictions WHERE id = ?", (prediction_id,))
             if rows:
                 try:
-                    return self.path_of(rows[0][0]).read_bytes()
+                    return checked_image(rows[0][0], self.path_of(rows[0][0]).read_bytes())
                 except FileNotFoundError:  # removed since the row was read
                     pass
         raise PredictionNotFoundError(f"no kept prediction {prediction_id!r}")

@@ -31,6 +31,7 @@ from ..predictions import (
     check_aware,
     check_max_items,
     check_new_prediction,
+    checked_image,
     decode_embedding,
     decode_top_k,
     encode_embedding,
@@ -184,7 +185,7 @@ class PostgresPredictionStore(PredictionStore):
                 row = conn.execute("SELECT image_id FROM predictions WHERE id = %s", (prediction_id,)).fetchone()
             if row is not None:
                 try:
-                    return self.objects.get(kept_image_key(row["image_id"]))
+                    return checked_image(row["image_id"], self.objects.get(kept_image_key(row["image_id"])))
                 except ObjectNotFound:  # removed since the row was read
                     pass
         raise PredictionNotFoundError(f"no kept prediction {prediction_id!r}")

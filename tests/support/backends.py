@@ -4,7 +4,6 @@ S3): which backends, the mark that runs a test on each (with the ``deployment`` 
 
 from __future__ import annotations
 
-import hashlib
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -43,7 +42,7 @@ def kept(seed: int, minutes: float = 0, *, margin: float = 0.5, entropy: float =
     """A prediction of the image ``png(seed)``, made ``minutes`` after :data:`T0`."""
     data = png(seed)
     return NewPrediction(
-        prediction_id=prediction_id or new_prediction_id(), image_id=hashlib.sha256(data).hexdigest(), image=data,
+        prediction_id=prediction_id or new_prediction_id(), image=data,
         version="v1", label=label, score=0.5 + margin / 2, margin=margin, entropy=entropy,
         top_k=((label, 0.5 + margin / 2), ("bees", 0.5 - margin / 2)), created_at=T0 + timedelta(minutes=minutes),
         embedding=np.full(3, seed, np.float32) if embedding is None else embedding)

@@ -267,11 +267,11 @@ def test_a_failed_write_stores_nothing_of_the_upload(tmp_path: Path, hymenoptera
     real_write = files_module.write_atomic
     calls = []
 
-    def write_then_fill_the_disk(path: Path, data: bytes) -> None:
+    def write_then_fill_the_disk(path: Path, data: bytes, *, durable: bool = True) -> None:
         calls.append(path.name)
         if len(calls) > 1:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-        real_write(path, data)
+        real_write(path, data, durable=durable)
 
     monkeypatch.setattr(files_module, "write_atomic", write_then_fill_the_disk)
     with pytest.raises(errors.StorageError) as caught:
