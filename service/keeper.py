@@ -37,6 +37,10 @@ log = logging.getLogger(__name__)
 
 #: Predictions written per transaction: fewer commits under load, small enough to stay quick.
 WRITE_BATCH = 32
+#: How long the writer gathers offers into a batch after the first: each write opens the
+#: database and commits once, so under load a full batch costs far less per prediction than one
+#: written the moment it arrives (bench/README.md, "Keeping predictions for review").
+GATHER_S = 1.0
 #: How often the writer applies the retention limits, and how long it waits for work meanwhile.
 PRUNE_EVERY_S = 5.0
 #: After the state refused a write: how long keeping pauses before it tries again.
@@ -144,16 +148,18 @@ class PredictionKeeper:
                 return
 
     def _next_batch(self) -> tuple[list[Offer], bool]:
-        """Up to :data:`WRITE_BATCH` offers (waiting at most :data:`PRUNE_EVERY_S` for the first),
-        and whether :meth:`stop` asked the thread to end."""
+        """Up to :data:`WRITE_BATCH` offers (waiting at most :data:`PRUNE_EVERY_S` for the first,
+        then at most :data:`GATHER_S` for the rest), and whether :meth:`stop` asked the thread to
+        end (then at once, with what is queued)."""
         batch: list[Offer] = []
         try:
             item = self._queue.get(timeout=PRUNE_EVERY_S)
+            gathered_by = time.monotonic() + GATHER_S
             while item is not None:
                 batch.append(item)
                 if len(batch) >= WRITE_BATCH:
                     break
-                item = self._queue.get_nowait()
+                item = self._queue.get(timeout=max(0.0, gathered_by - time.monotonic()))
         except queue.Empty:
             return batch, False
         return batch, item is None

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -64,6 +65,31 @@ def test_offers_are_written_in_the_background_and_a_full_queue_drops_without_blo
     kept = store.get(f"{1:032x}")
     assert kept.label == "ant" and kept.embedding is not None and kept.embedding.tolist() == [1, 2, 3, 4]
     assert store.read_image(f"{1:032x}") == grey_png(1)
+
+
+def test_offers_arriving_one_by_one_are_gathered_into_one_write(tmp_path: Path) -> None:
+    # each write costs a database open and a commit: under load, one per prediction would cost
+    # more than the predictions' own writes (bench/README.md)
+    state = open_state(home=tmp_path / "home")
+    writes: list[int] = []
+
+    class CountingStore:
+        def add_many(self, predictions: list[object]) -> None:
+            writes.append(len(predictions))
+            state.predictions.add_many(predictions)  # type: ignore[arg-type]
+
+        def prune(self, **limits: object) -> int:
+            return 0
+
+    keeper = PredictionKeeper(lambda: CountingStore(), fraction=1.0, max_items=100, max_days=1,  # type: ignore[arg-type,return-value]
+                              queue_size=64)
+    keeper.start()
+    for level in range(5):
+        keeper.offer(offer(level))
+        time.sleep(0.05)
+    eventually(lambda: state.predictions.count() == 5, timeout=10)
+    keeper.stop()
+    assert writes == [5]
 
 
 def test_the_retention_limits_remove_the_oldest_first(tmp_path: Path) -> None:
