@@ -315,6 +315,7 @@ class Tally:
                 "predict_mean_ms": mean_ms("predict"), "infer_call_mean_ms": mean_ms("infer"),
                 "batches": m["batch_count"],
                 "mean_batch_size": m["batch_sum"] / m["batch_count"] if m["batch_count"] else None,
+                "kept": m["kept"], "kept_dropped": m["kept_dropped"],
             }
             figures["server_log"] = {"warnings_and_errors": self.log_lines, "samples": self.log_samples}
         return figures
@@ -364,6 +365,10 @@ def measure_http_round(tally: Tally, server: Server, images: Sequence[ImageFile]
         "infer_count": metrics.delta("request_duration_seconds_count", endpoint="/infer"),
         "batch_sum": metrics.delta("adaptive_batch_size_sum"),
         "batch_count": metrics.delta("adaptive_batch_size_count"),
+        # kept predictions (the keep setup): written, and dropped for any reason, in the window
+        "kept": metrics.delta("kept_predictions_total", outcome="kept"),
+        "kept_dropped": sum(metrics.delta("kept_predictions_total", outcome=outcome)
+                            for outcome in ("dropped_queue_full", "dropped_storage", "dropped_error")),
     }
     tally.metrics = {k: (tally.metrics or {}).get(k, 0.0) + v for k, v in deltas.items()}
     tally.log_lines += log_watch.count
@@ -465,7 +470,7 @@ def print_report(results: Mapping[str, dict[str, Any]], failures: Mapping[str, s
             print(f"note: other work used more than {OTHER_LOAD_WARNING:g} cores during the sweep at "
                   f"{', '.join(busy)}; "
                   "the batch size chosen may not be the best")
-    for name in ("service", "naive", "floor"):
+    for name in ("service", "keep", "naive", "floor"):
         if name not in results:
             continue
         r = results[name]
@@ -477,6 +482,8 @@ def print_report(results: Mapping[str, dict[str, Any]], failures: Mapping[str, s
         if m["infer_call_mean_ms"] is not None:
             line += (f"; mean /infer call (batch wait + run) {_fmt(m['infer_call_mean_ms'])} ms; "
                      f"{m['batches']:.0f} batches, mean size {_fmt(m['mean_batch_size'], '.1f')}")
+        if m["kept"] or m["kept_dropped"]:
+            line += f"; kept for review {m['kept']:.0f}, dropped {m['kept_dropped']:.0f}"
         print(line)
         if r["server_log"]["warnings_and_errors"]:
             print(f"{name}: {r['server_log']['warnings_and_errors']} warning/error lines in the server log "
