@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import logging
 import threading
+from dataclasses import dataclass
 from functools import lru_cache
+
+import numpy as np
 
 from models.errors import ModelError
 from models.spec import ModelSpec
@@ -21,6 +24,17 @@ from store.registry import ModelRegistry
 from .errors import ApiError
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Ran:
+    """What one request's images gave: the version that ran them, its spec, and per image its
+    softmax probabilities (N, C) and backbone embedding (N, E)."""
+
+    version: str
+    spec: ModelSpec
+    probabilities: np.ndarray
+    embeddings: np.ndarray
 
 
 class ActiveVersion:

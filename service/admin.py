@@ -24,7 +24,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.security import HTTPBearer
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
-from starlette.routing import Match
 
 from models.adapt import MIN_TARGET_IMAGES, AdaptParams, AdaptRefused, AlignmentMethod, check_adaptable
 from models.errors import InputError, ModelError, VersionNotFoundError
@@ -39,7 +38,17 @@ from store.registry import parent_model
 from store.state import State
 
 from .adapt import save_targets
-from .errors import GUARDED, ApiError, Error, Send, api_error, documented, routing_error, send_error
+from .errors import (
+    GUARDED,
+    ApiError,
+    Error,
+    Send,
+    api_error,
+    api_error_handler,
+    documented,
+    http_error_handler,
+    send_error,
+)
 from .jobs import launch, retrainable_parent
 from .limits import display_name
 from .providers import serves_on_cpu
@@ -147,10 +156,6 @@ MAX_REVIEW_ITEMS = 100
 
 # -- the framework's own answers, mapped onto the API's contract ------------------------------------
 
-async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-    return exc.response()
-
-
 #: A required form field FastAPI found missing: the status and message the contract gives it.
 _MISSING_FIELDS = {
     "images": ApiError(400, "no images: send one or more files in the multipart field 'images'"),
@@ -173,19 +178,6 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     what = "retrain parameters" if request.url.path.endswith("/retrain") else "request"
     problems = "; ".join(f"{'.'.join(map(str, d['loc'])) or 'body'}: {d['msg']}" for d in detail)
     return ApiError(422, f"invalid {what}: {problems}", detail=detail).response()
-
-
-async def _http_error(request: Request, exc: Exception) -> JSONResponse:
-    """The router's refusals (no such route, a method the route does not take) as the same
-    bodies as BentoML's router gives (service/openapi.py)."""
-    status = exc.status_code if isinstance(exc, HTTPException) else 400
-    if status not in (404, 405):
-        return ApiError(status, exc.detail if isinstance(exc, HTTPException) else str(exc)).response()
-    # one route per method here, and Starlette's Allow names only the first that matched the path
-    allowed = ", ".join(sorted({method for route in request.app.routes
-                                if route.matches(request.scope)[0] != Match.NONE
-                                for method in getattr(route, "methods", None) or ()} - {"HEAD"}))
-    return routing_error(status, request.method, request.url.path, allowed).response()
 
 
 #: What a client that met an unreachable database or object store should wait before retrying.
@@ -221,7 +213,8 @@ def create_admin_app(settings: Settings, state: State) -> FastAPI:
     app = FastAPI(title="transfer-serve admin", openapi_url=None, docs_url=None, redoc_url=None,
                   dependencies=[Security(bearer)], responses=documented(401, 403, 503, 507),
                   exception_handlers={
-                      ApiError: _api_error, RequestValidationError: _validation_error, HTTPException: _http_error,
+                      ApiError: api_error_handler, RequestValidationError: _validation_error,
+                      HTTPException: http_error_handler,
                       StoreUnavailable: _unavailable, StorageError: _storage_or_internal_error,
                       **dict.fromkeys(BACKEND_ERRORS, _storage_or_internal_error), Exception: _internal_error})
     images_field = File(

@@ -14,7 +14,10 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
 from starlette.responses import JSONResponse
+from starlette.routing import Match
 
 from models.adapt import AdaptRefused
 from models.errors import ImageDecodeError, ImageTooLargeError, InputError
@@ -87,6 +90,26 @@ def routing_error(status: int, method: str, path: str, allowed: str = "") -> Api
     if status == 405:
         return ApiError(405, f"{method} is not allowed on {path}; it takes {allowed}", headers={"Allow": allowed})
     return ApiError(404, f"no route {path}: GET /docs.json lists the routes")
+
+
+async def api_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    """A FastAPI exception handler: an :class:`ApiError` raised by a route, as its response."""
+    if not isinstance(exc, ApiError):
+        raise exc
+    return exc.response()
+
+
+async def http_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    """A FastAPI exception handler: the router's refusals (no such route, a method the route does
+    not take) as the same bodies as BentoML's router gives (service/openapi.py)."""
+    status = exc.status_code if isinstance(exc, HTTPException) else 400
+    if status not in (404, 405):
+        return ApiError(status, exc.detail if isinstance(exc, HTTPException) else str(exc)).response()
+    # one route per method here, and Starlette's Allow names only the first that matched the path
+    allowed = ", ".join(sorted({method for route in request.app.routes
+                                if route.matches(request.scope)[0] != Match.NONE
+                                for method in getattr(route, "methods", None) or ()} - {"HEAD"}))
+    return routing_error(status, request.method, request.url.path, allowed).response()
 
 
 async def send_error(send: Send, error: ApiError, *, close: bool = False,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,7 +26,7 @@ from models.preprocess import SUPPORTED_FORMATS, decode_and_crop
 from models.spec import ModelSpec
 from store.state import open_state
 
-from .active import ActiveVersion
+from .active import ActiveVersion, Ran
 from .admin import admin_gate, create_admin_app
 from .errors import GUARDED, STATUS_TEXT, ApiError, api_error
 from .keeper import Offer, PredictionKeeper
@@ -73,18 +74,16 @@ class Inference:
 
     @bentoml.api(batchable=True, max_batch_size=settings.max_batch_size, max_latency_ms=settings.max_latency_ms)
     def infer(self, batch: np.ndarray) -> np.ndarray:
-        """uint8 crops (N, S, S, 3) -> (N, 1 + C [+ E]): column 0 is the number of the model version
-        that ran the batch (v7 -> 7.0), the next C are softmax probabilities, and when predictions
-        are kept, the last E are the backbone's embedding. Crops, not float
+        """uint8 crops (N, S, S, 3) -> (N, 1 + C + E): column 0 is the number of the model version
+        that ran the batch (v7 -> 7.0), the next C are softmax probabilities, the last E the
+        backbone's embedding (kept predictions store it; /v2 returns it). Crops, not float
         tensors, cross the process boundary: a quarter of the bytes to copy and parse."""
-        if settings.keep_predictions > 0:  # kept predictions store their embedding (the review queue's de-dup)
-            model, probabilities, embeddings = self.runtime.infer_with_embeddings(batch)
-            columns = [probabilities, embeddings]
-        else:
-            model, probabilities = self.runtime.infer(batch)
-            columns = [probabilities]
+        # Always with the embeddings: the graph computes them anyway (the copy is what they cost), and
+        # one API for every caller keeps /predict and /v2 requests in the same batches.
+        model, probabilities, embeddings = self.runtime.infer_with_embeddings(batch)
         version_column = np.full((len(batch), 1), model.number, dtype=np.float32)
-        return np.concatenate([version_column, *(c.astype(np.float32) for c in columns)], axis=1)
+        return np.concatenate([version_column, probabilities.astype(np.float32), embeddings.astype(np.float32)],
+                              axis=1)
 
 
 #: What /predict answers besides 200, for its entry in the API document (BentoML's decorator
@@ -131,7 +130,10 @@ class TransferServe:
         # decoding and resizing release the GIL: threads give real parallelism here
         self.pool = ThreadPoolExecutor(max_workers=max(2, settings.intra_op_threads), thread_name_prefix="decode")
 
-    async def _preprocess_all(self, paths: list[Path], blobs: list[bytes], spec: ModelSpec) -> np.ndarray:
+    async def decode_images(self, blobs: list[bytes], spec: ModelSpec,
+                              refusal: Callable[[InputError, int], ApiError]) -> np.ndarray:
+        """Decode and centre-crop every image in the decode threads; ``refusal`` turns an image's
+        error into what the client is answered (the two protocols word and number it their way)."""
         loop = asyncio.get_running_loop()
 
         def one(index: int) -> np.ndarray:
@@ -140,10 +142,54 @@ class TransferServe:
                 # exact (timm) crops training evaluated with; see models/preprocess.py
                 return decode_and_crop(blobs[index], spec.preprocess, max_pixels=settings.max_pixels, fast=True)
             except InputError as exc:
-                raise api_error(exc, image=index, filename=display_name(paths[index])) from None
+                raise refusal(exc, index) from None
 
         arrays = await asyncio.gather(*(loop.run_in_executor(self.pool, one, i) for i in range(len(blobs))))
         return np.stack(arrays)
+
+    async def inference_ready(self) -> bool:
+        """Whether the inference workers have a model loaded (their ``/readyz``)."""
+        is_ready = getattr(self.inference, "is_ready", None)  # a RemoteProxy; in process, the instance itself
+        if is_ready is None:
+            return bool(self.inference.__is_ready__())
+        return bool(await is_ready(5))
+
+    async def run_model(self, crops_for: Callable[[ModelSpec], Awaitable[np.ndarray]], *,
+                        version: str | None = None) -> Ran:
+        """The one path from a request to the model, shared by ``/predict`` and the Open Inference
+        Protocol's routes (so their requests form the same batches): ``crops_for(spec)`` makes the
+        uint8 crops for the active version's spec (called again only if a swap changed the
+        preprocessing), the batchable :meth:`Inference.infer` runs them, and a swap between the
+        two is retried, so every row comes from one version with the preprocessing it was made
+        for. ``version``: only that version may run (404 naming the one served otherwise)."""
+        crops: tuple[object, np.ndarray] | None = None
+        for attempt in range(3):
+            active, spec = self.active.current()
+            if version is not None and version != active:
+                raise ApiError(404, f"model version {version} is not being served; {active} is")
+            if crops is None or crops[0] != spec.preprocess:  # decode once unless it changed
+                crops = (spec.preprocess, await crops_for(spec))
+            try:
+                output = await self.inference.to_async.infer(crops[1])
+            except Exception as exc:  # noqa: BLE001 - any failure of the internal call
+                # Inference is idempotent: a keep-alive connection closed under us, or a
+                # worker being replaced, is worth one more try before the client sees it.
+                log.warning("inference call failed (attempt %d): %s", attempt + 1, exc)
+                if attempt == 2:
+                    raise ApiError(503, "the model is not available right now; retry shortly") from None
+                await asyncio.sleep(0.05)
+                await asyncio.to_thread(self.active.refresh)  # a new version may have come
+                continue
+            numbers = set(output[:, 0].astype(int).tolist())
+            ran = f"v{numbers.pop()}"
+            ran_spec = self.active.spec_of(ran)
+            # A swap between preprocessing and inference: results are only valid if the
+            # version that ran uses the same preprocessing and all images ran on it.
+            if not numbers and ran_spec.preprocess == spec.preprocess and version in (None, ran):
+                classes = ran_spec.num_classes
+                return Ran(ran, ran_spec, output[:, 1:1 + classes], output[:, 1 + classes:])
+            await asyncio.to_thread(self.active.refresh)
+        raise ApiError(503, "the active model changed during the request; retry")
 
     def _keep(self, blobs: list[bytes], version: str, spec: ModelSpec, probabilities: np.ndarray,
               embeddings: np.ndarray, predictions: list[dict[str, Any]]) -> None:
@@ -180,39 +226,17 @@ class TransferServe:
             if not images:
                 raise ApiError(400, "no images: send one or more files in the multipart field 'images'")
             blobs = [path.read_bytes() for path in images]  # sizes and count: checked by the request guard
-            crops: tuple[object, np.ndarray] | None = None
-            for attempt in range(3):
-                version, spec = self.active.current()
-                if crops is None or crops[0] != spec.preprocess:  # decode once unless it changed
-                    crops = (spec.preprocess, await self._preprocess_all(images, blobs, spec))
-                batch = crops[1]
-                try:
-                    output = await self.inference.to_async.infer(batch)
-                except Exception as exc:  # noqa: BLE001 - any failure of the internal call
-                    # Inference is idempotent: a keep-alive connection closed under us, or a
-                    # worker being replaced, is worth one more try before the client sees it.
-                    log.warning("inference call failed (attempt %d): %s", attempt + 1, exc)
-                    if attempt == 2:
-                        raise ApiError(503, "the model is not available right now; retry shortly") from None
-                    await asyncio.sleep(0.05)
-                    await asyncio.to_thread(self.active.refresh)  # a new version may have come
-                    continue
-                numbers = set(output[:, 0].astype(int).tolist())
-                ran = f"v{numbers.pop()}"
-                ran_spec = self.active.spec_of(ran)
-                # A swap between preprocessing and inference: results are only valid if the
-                # version that ran uses the same preprocessing and all images ran on it.
-                if not numbers and ran_spec.preprocess == spec.preprocess:
-                    probabilities = output[:, 1:1 + ran_spec.num_classes]
-                    # sent as built: BentoML would validate and re-serialise list[Prediction]
-                    predictions = build_predictions(probabilities, ran_spec.labels, top_k, ran)
-                    observe_predictions(ran, predictions)
-                    if self.keeper.enabled:
-                        embeddings = output[:, 1 + ran_spec.num_classes:]
-                        self._keep(blobs, ran, ran_spec, probabilities, embeddings, predictions)
-                    return JSONResponse(predictions)  # type: ignore[return-value]
-                await asyncio.to_thread(self.active.refresh)
-            raise ApiError(503, "the active model changed during the request; retry")
+
+            def refusal(exc: InputError, index: int) -> ApiError:
+                return api_error(exc, image=index, filename=display_name(images[index]))
+
+            ran = await self.run_model(lambda spec: self.decode_images(blobs, spec, refusal))
+            # sent as built: BentoML would validate and re-serialise list[Prediction]
+            predictions = build_predictions(ran.probabilities, ran.spec.labels, top_k, ran.version)
+            observe_predictions(ran.version, predictions)
+            if self.keeper.enabled:
+                self._keep(blobs, ran.version, ran.spec, ran.probabilities, ran.embeddings, predictions)
+            return JSONResponse(predictions)  # type: ignore[return-value]
         except ApiError as exc:
             return exc.response()  # type: ignore[return-value]
 
