@@ -1,5 +1,5 @@
-"""The request guard: ASGI middleware that checks every POST to ``/predict`` and ``/admin`` before
-BentoML or FastAPI parses it, and the one place uploads are checked.
+"""The request guard: ASGI middleware that checks every POST to ``/predict``, ``/admin`` and ``/v2``
+before BentoML or FastAPI parses it, and the one place uploads are checked.
 
 - The admin token is checked first (``before_body``), so a caller without it cannot make the
   server buffer an upload.
@@ -9,7 +9,8 @@ BentoML or FastAPI parses it, and the one place uploads are checked.
   would go on receiving, and discarding, the rest of the body, however large.
 - The body's framing is checked (multipart that does not parse, JSON that does not decode, a
   content type the route cannot take): the frameworks would answer some of those with a 500, and
-  no client input may produce a 500.
+  no client input may produce a 500. ``/v2`` bodies (JSON, or JSON then binary tensor data) are
+  only bounded and their content type checked: the protocol's parser checks the rest.
 - Uploads: at most ``max_files`` files, only in the field ``images``, none empty, none over
   ``max_file_bytes``, and no file name the server could not use for its temporary copy. Routes
   then only decode what passed.
@@ -38,7 +39,10 @@ Send = Callable[[Message], Awaitable[None]]
 
 log = logging.getLogger(__name__)
 
-GUARDED_PATHS = ("/predict", "/admin")
+GUARDED_PATHS = ("/predict", "/admin", "/v2")
+#: The Open Inference Protocol's routes: their bodies are JSON, or JSON then binary tensor data,
+#: which the protocol's own parser checks (service/open_inference.py).
+OIP_PREFIX = "/v2"
 FILE_FIELD = "images"
 #: Starlette's own limit on a form's fields, which it answers with a text/plain 400.
 MAX_FIELDS = 1000
@@ -159,8 +163,17 @@ class RequestGuard:
                            image=index, filename=name)
 
     async def _check_framing(self, scope: Scope, body: bytes) -> None:
-        content_type = dict(scope.get("headers") or []).get(b"content-type", b"").decode("latin-1")
+        headers = dict(scope.get("headers") or [])
+        content_type = headers.get(b"content-type", b"").decode("latin-1")
         media_type = content_type.split(";")[0].strip().lower()
+        if scope["path"] == OIP_PREFIX or scope["path"].startswith(OIP_PREFIX + "/"):
+            encoding = headers.get(b"content-encoding", b"identity").decode("latin-1").strip().lower()
+            if encoding not in ("identity", ""):
+                raise ApiError(415, f"unsupported content encoding '{encoding}': send the body uncompressed")
+            if media_type not in ("application/json", "application/octet-stream", ""):
+                raise ApiError(415, f"unsupported content type '{media_type}': send application/json, or "
+                                    "application/octet-stream with binary tensor data")
+            return
         if media_type in ("multipart/form-data", "application/x-www-form-urlencoded"):
             await self._check_form(scope, body)
         elif media_type in ("application/json", ""):

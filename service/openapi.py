@@ -102,7 +102,7 @@ def complete_document(generated: dict[str, Any], predict_errors: Mapping[int, st
     """BentoML's document (``Service.openapi_spec.asdict()``) with the additions above."""
     document = copy.deepcopy(generated)
     document["openapi"] = OPENAPI_VERSION
-    document["info"].update(title="transfer-serve", version=_package_version(), description=(
+    document["info"].update(title="transfer-serve", version=package_version(), description=(
         "Image classification with a model you can retrain. Every client error is a 4xx JSON body "
         '`{"error": "..."}` that says what to fix. `/admin/*` routes need `Authorization: Bearer '
         "<TRANSFER_SERVE_ADMIN_TOKEN>`."))
@@ -118,14 +118,21 @@ def complete_document(generated: dict[str, Any], predict_errors: Mapping[int, st
         for operation in item.values():
             _validation_errors(operation)
     paths.update(_infrastructure(paths))
-    document["tags"] = [*document.get("tags", []), {"name": "Admin",
-                                                    "description": "Labels, retraining, model versions (bearer token)"}]
+    if "/v2/" in paths:  # the mounted app's root: served at /v2 itself (service.open_inference_routes.RootPath)
+        paths["/v2"] = paths.pop("/v2/")
+    document["tags"] = [
+        *document.get("tags", []),
+        {"name": "Admin", "description": "Labels, retraining, model versions (bearer token)"},
+        {"name": "Open Inference Protocol",
+         "description": "KServe V2 REST (/v2) with Triton's binary tensor data and classification extensions; "
+                        "no token"},
+    ]
     components = document.setdefault("components", {})
     components["schemas"] = _referenced(paths, components.get("schemas", {}))
     return document
 
 
-def _package_version() -> str:
+def package_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
     try:

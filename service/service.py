@@ -32,7 +32,9 @@ from .errors import GUARDED, STATUS_TEXT, ApiError, api_error
 from .keeper import Offer, PredictionKeeper
 from .limits import RequestGuard, display_name
 from .metrics import observe_predictions
-from .openapi import JSONRoutingErrors, OpenAPIDocument
+from .open_inference_routes import PREFIX as OIP_PREFIX
+from .open_inference_routes import RootPath, create_open_inference_app
+from .openapi import JSONRoutingErrors, OpenAPIDocument, package_version
 from .predict import Prediction, build_predictions
 from .settings import get_settings
 from .ui import create_ui_app
@@ -247,5 +249,8 @@ _service.add_asgi_middleware(RequestGuard, max_bytes=settings.max_request_bytes,
                              max_file_bytes=settings.max_file_bytes, before_body=admin_gate(settings))
 _service.mount_asgi_app(create_admin_app(settings, state), path="/admin", name="admin")
 _service.mount_asgi_app(create_ui_app(), path="/ui", name="ui")
+_service.mount_asgi_app(create_open_inference_app(settings, bentoml.get_current_service, package_version()),
+                        path=OIP_PREFIX, name="open_inference")
+_service.add_asgi_middleware(RootPath)
 _service.add_asgi_middleware(OpenAPIDocument, service=TransferServe, predict_errors=PREDICT_ERRORS)
 _service.add_asgi_middleware(JSONRoutingErrors)  # 404/405 as {"error": ...}, not plain text

@@ -64,6 +64,9 @@ class Settings(StoreSettings):
     keep_max_days: float = Field(30.0, gt=0.0, description="kept predictions older than this many days are removed")
     keep_queue: int = Field(256, ge=1, le=100_000,
                             description="predictions waiting to be written; what does not fit is dropped (and counted)")
+    oip_model_name: str = Field(
+        "transfer-serve", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="the model's name on the Open Inference Protocol routes (/v2/models/{name}/...)")
     admin_token: SecretStr | None = Field(
         None, description="bearer token for /admin/*; unset = admin routes refuse every call")
 

@@ -115,6 +115,29 @@ def test_guard_checks_the_count_size_emptiness_and_field_of_uploads() -> None:
     assert wrong_field.status_code == 400 and "field 'photo' does not take files" in wrong_field.json()["error"]
 
 
+def test_guard_bounds_open_inference_bodies_and_leaves_their_framing_to_the_protocol() -> None:
+    infer = "/v2/models/m/infer"
+
+    async def go() -> list[httpx.Response]:
+        async with guarded() as http:
+            return [
+                await http.post(infer, content=b"x" * 1001),
+                # JSON then binary tensor data: not JSON as a whole, and checked by the protocol's parser
+                await http.post(infer, content=b'{"inputs": []}\x00\x01',
+                                headers={"inference-header-content-length": "14"}),
+                await http.post(infer, content=b"{}", headers={"content-type": "application/octet-stream"}),
+                await http.post(infer, content=b"{}", headers={"content-type": "text/plain"}),
+                await http.post(infer, content=b"{}", headers={"content-encoding": "gzip"}),
+            ]
+
+    too_big, binary, octet, text, gzip = run(go())
+    assert too_big.status_code == 413 and "1001 bytes" in too_big.json()["error"]
+    assert binary.status_code == 200 and binary.text == "16"
+    assert octet.status_code == 200
+    assert text.status_code == 415 and "application/octet-stream" in text.json()["error"]
+    assert gzip.status_code == 415 and "content encoding 'gzip'" in gzip.json()["error"]
+
+
 def test_guard_leaves_other_routes_alone() -> None:
     async def go() -> httpx.Response:
         async with guarded(max_bytes=10) as http:

@@ -54,12 +54,16 @@ def operations(document: dict) -> set[tuple[str, str]]:
 
 def test_the_document_describes_every_route(fuzz_server: Server, document: dict, tmp_path: Path) -> None:
     from service.admin import create_admin_app
+    from service.open_inference_routes import PREFIX, create_open_inference_app
     from service.settings import Settings
     from store.state import open_state
 
     admin = create_admin_app(Settings(home=tmp_path, admin_token=TOKEN), open_state(home=tmp_path))
     routes = {(method, "/admin" + route.path) for route in admin.routes  # type: ignore[attr-defined]  # all APIRoute
               for method in route.methods - {"HEAD"}}  # type: ignore[attr-defined]
+    oip = create_open_inference_app(Settings(home=tmp_path), lambda: None, "0")  # type: ignore[arg-type,return-value]
+    routes |= {(method, (PREFIX + route.path).rstrip("/")) for route in oip.routes  # type: ignore[attr-defined]
+               for method in route.methods - {"HEAD"}}  # type: ignore[attr-defined]
     bentoml_apis = httpx.get(fuzz_server.url + "/schema.json", timeout=30).json()["routes"]  # BentoML's own list
     routes |= {("POST", api["route"]) for api in bentoml_apis}
     assert operations(document) == routes | INFRA
@@ -98,3 +102,5 @@ def test_fuzz_every_operation(fuzz_server: Server, document: dict, hymenoptera: 
     assert {200, 422} <= seen["POST /predict"], seen["POST /predict"]
     assert {200, 422} <= seen["POST /admin/labels"], seen["POST /admin/labels"]
     assert 202 in seen["POST /admin/retrain"], seen["POST /admin/retrain"]
+    # random tensors are refused (a 200 needs a real image or 150528 crop values), never with a 5xx
+    assert 400 in seen["POST /v2/models/{name}/infer"], seen["POST /v2/models/{name}/infer"]

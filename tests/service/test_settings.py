@@ -61,3 +61,14 @@ def test_the_variant_setting_takes_auto_fp32_int8_or_fp16_only(monkeypatch: pyte
     monkeypatch.setenv("TRANSFER_SERVE_MODEL_VARIANT", "int4")
     with pytest.raises(ValidationError, match="model_variant"):
         Settings(home=tmp_path)
+
+
+def test_the_open_inference_model_name_is_one_url_path_segment(monkeypatch: pytest.MonkeyPatch,
+                                                                 tmp_path: Path) -> None:
+    assert Settings(home=tmp_path).oip_model_name == "transfer-serve"
+    monkeypatch.setenv("TRANSFER_SERVE_OIP_MODEL_NAME", "flowers_v2.1")
+    assert Settings(home=tmp_path).oip_model_name == "flowers_v2.1"
+    for name in ("", "a/b", "has space", "-leading", "x" * 65):
+        monkeypatch.setenv("TRANSFER_SERVE_OIP_MODEL_NAME", name)
+        with pytest.raises(ValidationError):
+            Settings(home=tmp_path)
