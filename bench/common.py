@@ -32,6 +32,7 @@ from typing import Any, NoReturn, Protocol
 import numpy as np
 
 from tests.support.load import ImageFile, Load
+from tests.support.load import Protocol as LoadProtocol
 from tests.support.paths import HYMENOPTERA, ROOT
 from tests.support.server import Server
 from tests.support.server import serving as serving_server
@@ -389,6 +390,7 @@ async def predict_load(
     label: str = "load",
     timeout: float = 120,
     max_error_samples: int = 5,
+    protocol: LoadProtocol | None = None,
 ) -> LoadResult:
     """``concurrency`` clients each sending ``POST route`` requests back to back, with
     ``images_per_request`` images each (consecutive ones from ``images``; each body encoded once,
@@ -404,7 +406,7 @@ async def predict_load(
     # What the load generator costs comes out of the same cores as the server, so it does no
     # work it can skip: each body is encoded once.
     load = Load(url, images, clients=concurrency, images_per_request=images_per_request, route=route,
-                pre_encode=True, timeout=timeout)
+                pre_encode=True, timeout=timeout, protocol=protocol)
     started = time.perf_counter()
     window_start = started + warmup
     window_end = window_start + duration

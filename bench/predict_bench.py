@@ -3,7 +3,7 @@ naive one-image-per-call service, measured one after another in the same run.
 
     .venv/bin/python -m bench.predict_bench --concurrency 32 --duration 20 --warmup 3 --rounds 2 \
         [--home DIR] [--images ../shared/data/hymenoptera/train] [--json OUT.json] [--plot OUT.png] \
-        [--setups service,limit,naive,floor] [--images-per-request 1] \
+        [--setups service,limit,naive,floor,keep,oip_bytes,oip_uint8] [--images-per-request 1] \
         [--service-env TRANSFER_SERVE_WORKERS=2 ...] [--log-dir DIR] [--baseline ../old-checkout]
 
 Setups:
@@ -21,6 +21,11 @@ Setups:
   keep     the service as shipped with TRANSFER_SERVE_KEEP_PREDICTIONS=1 (every image kept for review:
            its bytes, results and embedding queued and written by the background writer), on its
            own copy of the state directory: what keeping costs, as keep/service per round
+  oip_bytes the same server as ``service``, sent POST /v2/models/transfer-serve/infer with the images as a
+           binary BYTES tensor (Triton's binary tensor data extension), outputs label and probabilities
+           as binary data: the Open Inference Protocol against /predict's multipart
+  oip_uint8 the same, with uint8 crops the load generator made beforehand (decode_and_crop, as the
+           service does) as a binary UINT8 [N, S, S, 3] tensor: a client that preprocesses itself
   baseline with ``--baseline DIR``: the service of another checkout of this project (an earlier
            commit, with its own .venv and its own bootstrapped state), measured in the same rounds
            with the same load generator: the one fair way to tell whether a change cost throughput
@@ -79,11 +84,16 @@ from bench.common import (
     serving,
     state_home,
 )
+from bench.open_inference import INFER_ROUTE, Crops, EncodedImages
+from tests.support.load import Protocol as LoadProtocol
 from tests.support.polling import eventually
 
 #: What the keep setup adds to the service's environment: every image kept.
 KEEP_ENV = {"TRANSFER_SERVE_KEEP_PREDICTIONS": "1"}
-SETUPS = ("service", "limit", "naive", "floor", "keep")
+SETUPS = ("service", "limit", "naive", "floor", "keep", "oip_bytes", "oip_uint8")
+#: The Open Inference Protocol setups: the service's own server (started for them if "service" is
+#: not measured), another request format.
+OIP_SETUPS = ("oip_bytes", "oip_uint8")
 BATCH_SIZES = (1, 4, 8, 16, 32)
 #: The issue's targets, stated at concurrency 32: service throughput >= factor x the other setup.
 TARGETS = {"limit": 0.8, "naive": 2.0}
@@ -94,6 +104,17 @@ OTHER_LOAD_WARNING = 0.3
 #: Settings the naive baseline takes from --service-env: where to run, not how to serve.
 PROVIDER_SETTINGS = ("TRANSFER_SERVE_PROVIDERS", "TRANSFER_SERVE_CUDA", "TRANSFER_SERVE_CUDNN",
                      "TRANSFER_SERVE_GPU")
+
+
+def active_spec(home: Path) -> Any:
+    """The spec of the version active in ``home`` (the crops the oip_uint8 setup sends are made with it)."""
+    from store.state import open_state
+
+    registry = open_state(home=home).registry
+    pointer = registry.active_pointer()
+    if pointer is None:
+        raise RuntimeError(f"no active version in {home}")
+    return registry.get(pointer.version).spec
 
 
 # -- limit: in-process decode pool + batched onnxruntime --------------------------------------
@@ -338,7 +359,8 @@ def measure_limit_round(tally: Tally, limit: Limit, images: Sequence[ImageFile],
 
 
 def measure_http_round(tally: Tally, server: Server, images: Sequence[ImageFile], seconds: float,
-                       args: argparse.Namespace, progress: Progress, label: str) -> float:
+                       args: argparse.Namespace, progress: Progress, label: str, *,
+                       protocol: LoadProtocol | None = None) -> float:
     server_cpu = ProcessCPU(server.process.pid)
     client_cpu = ProcessCPU(tree=False, root_label="load generator")
     metrics = MetricsDelta(server.url)
@@ -347,7 +369,7 @@ def measure_http_round(tally: Tally, server: Server, images: Sequence[ImageFile]
     result: LoadResult = asyncio.run(predict_load(
         server.url, images, concurrency=args.concurrency, duration=seconds, warmup=args.warmup,
         images_per_request=args.images_per_request, probes=[machine, server_cpu, client_cpu, metrics, log_watch],
-        progress=progress, label=label))
+        progress=progress, label=label, route="/predict" if protocol is None else INFER_ROUTE, protocol=protocol))
     tally.images += result.images
     tally.seconds += result.seconds
     tally.probed_seconds += result.seconds
@@ -389,10 +411,12 @@ def ratios(results: Mapping[str, dict[str, Any]], concurrency: int) -> dict[str,
     out = {}
     if "service" in results and "baseline" in results and results["baseline"]["throughput"]:
         out["service/baseline"] = {"ratio": results["service"]["throughput"] / results["baseline"]["throughput"]}
-    if "service" in results and "keep" in results:
-        pairs = zip(results["keep"]["throughput_per_round"], results["service"]["throughput_per_round"], strict=False)
-        out["keep/service"] = {"ratio": results["keep"]["throughput"] / results["service"]["throughput"],
-                               "per_round": [keep / plain for keep, plain in pairs if plain]}
+    for other in ("keep", *OIP_SETUPS):  # the same service, another load on it
+        if "service" in results and other in results and results["service"]["throughput"]:
+            pairs = zip(results[other]["throughput_per_round"], results["service"]["throughput_per_round"],
+                        strict=False)
+            out[f"{other}/service"] = {"ratio": results[other]["throughput"] / results["service"]["throughput"],
+                                       "per_round": [mine / plain for mine, plain in pairs if plain]}
     for other, target in TARGETS.items():
         ratio = None
         if "service" in results and other in results and results[other]["throughput"]:
@@ -625,11 +649,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         # measurements alternate between them round after round, so that a change in what else
         # runs on the machine affects all of them alike rather than one.
         servers: dict[str, Server] = {}
+        protocols: dict[str, LoadProtocol] = {}
         limit: Limit | None = None
         for name in args.setups:
             try:
                 if name == "limit":
                     limit = prepare_limit(home, images, args, progress)
+                elif name in OIP_SETUPS:
+                    if "service" not in servers:
+                        target, env = targets["service"]
+                        progress(f"{name}: starting `bentoml serve {target}`")
+                        servers["service"] = stack.enter_context(serving(target, home, log_dir, env=env))
+                    servers[name] = servers["service"]
+                    protocols[name] = EncodedImages() if name == "oip_bytes" else Crops(active_spec(home))
                 elif name == "baseline":
                     progress(f"baseline: starting {baseline}'s service" + (f" with {args.service_env}"
                                                                         if args.service_env else ""))
@@ -669,7 +701,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         throughput = measure_limit_round(tallies[name], limit, images, seconds, args)
                     else:
                         throughput = measure_http_round(tallies[name], servers[name], images, seconds, args,
-                                                        progress, label)
+                                                        progress, label, protocol=protocols.get(name))
                 except Exception as exc:  # noqa: BLE001 - reported, the setup dropped, the others measured
                     failures[name] = f"{type(exc).__name__}: {exc}"
                     progress(f"{label}: FAILED: {failures[name]}")

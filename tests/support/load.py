@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -67,6 +68,14 @@ def valid_prediction(body: Any, images: int = 1) -> bool:
             and all(isinstance(r, dict) and {"label", "score", "top_k", "model_version"} <= r.keys() for r in body))
 
 
+class Protocol(typing.Protocol):
+    """Another request format than /predict's multipart (the Open Inference Protocol's: bench/)."""
+
+    def encode(self, images: list[ImageFile]) -> tuple[bytes, dict[str, str]]: ...
+
+    def valid(self, response: httpx.Response, images: int) -> bool: ...
+
+
 class Load:
     """``clients`` clients sending ``POST route`` back to back, ``images_per_request`` consecutive
     images of ``images`` in each (client *i* starts at image ``i * len(images) // clients``, so
@@ -75,7 +84,8 @@ class Load:
     of the cores on sending and reading, not on encoding the same bytes again."""
 
     def __init__(self, url: str, images: Sequence[ImageFile | bytes], *, clients: int, images_per_request: int = 1,
-                 route: str = "/predict", pre_encode: bool = False, timeout: float = 120) -> None:
+                 route: str = "/predict", pre_encode: bool = False, timeout: float = 120,
+                 protocol: Protocol | None = None) -> None:
         if clients < 1 or images_per_request < 1 or not images:
             raise ValueError("clients >= 1, images_per_request >= 1 and at least one image are required")
         self.url = url
@@ -84,6 +94,7 @@ class Load:
         self.images_per_request = images_per_request
         self.route = route
         self.timeout = timeout
+        self.protocol = protocol
         self.started = time.perf_counter()
         self.sent = 0
         self.answers: list[Answer] = []  # in the order they came
@@ -95,6 +106,8 @@ class Load:
         return [self.images[(first + k) % len(self.images)] for k in range(self.images_per_request)]
 
     def _encode(self, first: int) -> tuple[bytes, dict[str, str]]:
+        if self.protocol is not None:
+            return self.protocol.encode(self._group(first))
         request = httpx.Request("POST", self.url, files=[("images", i.as_file()) for i in self._group(first)])
         return request.read(), {"Content-Type": request.headers["Content-Type"]}
 
@@ -128,7 +141,10 @@ class Load:
             position += self.images_per_request
             status, body, problem = None, "", None
             try:
-                if self._bodies is not None:
+                if self.protocol is not None:
+                    content, headers = self._bodies[first] if self._bodies is not None else self._encode(first)
+                    response = await client.post(self.route, content=content, headers=headers)
+                elif self._bodies is not None:
                     content, headers = self._bodies[first]
                     response = await client.post(self.route, content=content, headers=headers)
                 else:
@@ -137,6 +153,9 @@ class Load:
                 status, body = response.status_code, response.text
                 if status != 200:
                     problem = f"HTTP {status}: {body[:300]}"
+                elif self.protocol is not None:
+                    if not self.protocol.valid(response, self.images_per_request):
+                        problem = f"HTTP 200 with an unexpected body: {body[:300]}"
                 elif not valid_prediction(response.json(), self.images_per_request):
                     problem = f"HTTP 200 with an unexpected body: {body[:300]}"
             except (httpx.HTTPError, ValueError) as exc:
