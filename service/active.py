@@ -29,12 +29,12 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Ran:
     """What one request's images gave: the version that ran them, its spec, and per image its
-    softmax probabilities (N, C) and backbone embedding (N, E)."""
+    softmax probabilities (N, C) and, if the caller asked for them, backbone embedding (N, E)."""
 
     version: str
     spec: ModelSpec
     probabilities: np.ndarray
-    embeddings: np.ndarray
+    embeddings: np.ndarray | None
 
 
 class ActiveVersion:

@@ -68,7 +68,7 @@ class Backend(Protocol):
     active: ActiveVersion
 
     async def run_model(self, crops_for: Callable[[ModelSpec], Awaitable[np.ndarray]], *,
-                        version: str | None = None) -> Ran: ...
+                        version: str | None = None, embeddings: bool = False) -> Ran: ...
 
     async def decode_images(self, blobs: list[bytes], spec: ModelSpec,
                             refusal: Callable[[InputError, int], ApiError]) -> np.ndarray: ...
@@ -259,7 +259,8 @@ def create_open_inference_app(settings: Settings, backend: Callable[[], Backend]
                     raise OipError(f"classification applies to output 'probabilities', not '{output.name}'")
         except OipError as exc:
             raise api_error(exc) from None
-        ran = await backend().run_model(crops_for, version=served_version(version))
+        ran = await backend().run_model(crops_for, version=served_version(version),
+                                        embeddings=any(output.name == "embedding" for output in outputs))
         observe_predictions(ran.version, build_predictions(ran.probabilities, ran.spec.labels, 1, ran.version))
         try:
             content, headers = encode_infer_response(model_name=name, model_version=ran.version,
@@ -374,6 +375,7 @@ def _output(requested: RequestedOutput, ran: Ran) -> OutputTensor:
     if name == "label":
         best = ran.probabilities.argmax(axis=1).tolist()
         return OutputTensor(name, "BYTES", [len(best)], [ran.spec.labels[i].encode() for i in best], binary)
+    assert ran.embeddings is not None  # noqa: S101 - asked for whenever "embedding" is an output
     return OutputTensor.from_array(name, np.ascontiguousarray(ran.embeddings, dtype=np.float32), binary=binary)
 
 

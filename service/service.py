@@ -74,18 +74,29 @@ class Inference:
     def __is_ready__(self) -> bool:
         return self.runtime.loaded is not None
 
+    # Two batchable APIs, because BentoML batches per API: requests that need the embedding (kept
+    # predictions, /v2 requests asking for it) share batches with each other, the rest with
+    # /predict. Returning the embedding with every batch made /predict measurably slower (the
+    # extra columns' copy and transfer; bench/README.md, "Open Inference Protocol").
     @bentoml.api(batchable=True, max_batch_size=settings.max_batch_size, max_latency_ms=settings.max_latency_ms)
     def infer(self, batch: np.ndarray) -> np.ndarray:
-        """uint8 crops (N, S, S, 3) -> (N, 1 + C + E): column 0 is the number of the model version
-        that ran the batch (v7 -> 7.0), the next C are softmax probabilities, the last E the
-        backbone's embedding (kept predictions store it; /v2 returns it). Crops, not float
+        """uint8 crops (N, S, S, 3) -> (N, 1 + C): column 0 is the number of the model version
+        that ran the batch (v7 -> 7.0), the next C are softmax probabilities. Crops, not float
         tensors, cross the process boundary: a quarter of the bytes to copy and parse."""
-        # Always with the embeddings: the graph computes them anyway (the copy is what they cost), and
-        # one API for every caller keeps /predict and /v2 requests in the same batches.
+        model, probabilities = self.runtime.infer(batch)
+        return _rows(model.number, probabilities)
+
+    @bentoml.api(batchable=True, max_batch_size=settings.max_batch_size, max_latency_ms=settings.max_latency_ms)
+    def infer_with_embeddings(self, batch: np.ndarray) -> np.ndarray:
+        """:meth:`infer`'s (N, 1 + C) and then the backbone's embedding: (N, 1 + C + E)."""
         model, probabilities, embeddings = self.runtime.infer_with_embeddings(batch)
-        version_column = np.full((len(batch), 1), model.number, dtype=np.float32)
-        return np.concatenate([version_column, probabilities.astype(np.float32), embeddings.astype(np.float32)],
-                              axis=1)
+        return _rows(model.number, probabilities, embeddings)
+
+
+def _rows(version_number: int, *columns: np.ndarray) -> np.ndarray:
+    """One float32 row per image: the version's number, then ``columns`` side by side."""
+    version_column = np.full((len(columns[0]), 1), version_number, dtype=np.float32)
+    return np.concatenate([version_column, *(c.astype(np.float32) for c in columns)], axis=1)
 
 
 #: What /predict answers besides 200, for its entry in the API document (BentoML's decorator
@@ -157,13 +168,15 @@ class TransferServe:
         return bool(await is_ready(5))
 
     async def run_model(self, crops_for: Callable[[ModelSpec], Awaitable[np.ndarray]], *,
-                        version: str | None = None) -> Ran:
+                        version: str | None = None, embeddings: bool = False) -> Ran:
         """The one path from a request to the model, shared by ``/predict`` and the Open Inference
         Protocol's routes (so their requests form the same batches): ``crops_for(spec)`` makes the
         uint8 crops for the active version's spec (called again only if a swap changed the
-        preprocessing), the batchable :meth:`Inference.infer` runs them, and a swap between the
-        two is retried, so every row comes from one version with the preprocessing it was made
-        for. ``version``: only that version may run (404 naming the one served otherwise)."""
+        preprocessing), the batchable :meth:`Inference.infer` (or, with ``embeddings``,
+        :meth:`Inference.infer_with_embeddings`) runs them, and a swap between the two is retried,
+        so every row comes from one version with the preprocessing it was made for.
+        ``version``: only that version may run (404 naming the one served otherwise)."""
+        run = self.inference.to_async.infer_with_embeddings if embeddings else self.inference.to_async.infer
         crops: tuple[object, np.ndarray] | None = None
         for attempt in range(3):
             active, spec = self.active.current()
@@ -172,7 +185,7 @@ class TransferServe:
             if crops is None or crops[0] != spec.preprocess:  # decode once unless it changed
                 crops = (spec.preprocess, await crops_for(spec))
             try:
-                output = await self.inference.to_async.infer(crops[1])
+                output = await run(crops[1])
             except Exception as exc:  # noqa: BLE001 - any failure of the internal call
                 # Inference is idempotent: a keep-alive connection closed under us, or a
                 # worker being replaced, is worth one more try before the client sees it.
@@ -189,17 +202,17 @@ class TransferServe:
             # version that ran uses the same preprocessing and all images ran on it.
             if not numbers and ran_spec.preprocess == spec.preprocess and version in (None, ran):
                 classes = ran_spec.num_classes
-                return Ran(ran, ran_spec, output[:, 1:1 + classes], output[:, 1 + classes:])
+                return Ran(ran, ran_spec, output[:, 1:1 + classes], output[:, 1 + classes:] if embeddings else None)
             await asyncio.to_thread(self.active.refresh)
         raise ApiError(503, "the active model changed during the request; retry")
 
     def _keep(self, blobs: list[bytes], version: str, spec: ModelSpec, probabilities: np.ndarray,
-              embeddings: np.ndarray, predictions: list[dict[str, Any]]) -> None:
+              embeddings: np.ndarray | None, predictions: list[dict[str, Any]]) -> None:
         """Offer the sampled images to the keeper; those it takes get their ``prediction_id``."""
         now = datetime.now(UTC)
         for index, result in enumerate(predictions):
             prediction_id = self.keeper.new_id()
-            embedding = embeddings[index] if embeddings.shape[1] else None
+            embedding = embeddings[index] if embeddings is not None else None
             if prediction_id and self.keeper.offer(Offer(prediction_id, blobs[index], version, spec.labels,
                                                          probabilities[index], embedding, now)):
                 result["prediction_id"] = prediction_id
@@ -232,7 +245,9 @@ class TransferServe:
             def refusal(exc: InputError, index: int) -> ApiError:
                 return api_error(exc, image=index, filename=display_name(images[index]))
 
-            ran = await self.run_model(lambda spec: self.decode_images(blobs, spec, refusal))
+            # kept predictions store their embedding (the review queue spreads near-duplicates with it)
+            ran = await self.run_model(lambda spec: self.decode_images(blobs, spec, refusal),
+                                       embeddings=self.keeper.enabled)
             # sent as built: BentoML would validate and re-serialise list[Prediction]
             predictions = build_predictions(ran.probabilities, ran.spec.labels, top_k, ran.version)
             observe_predictions(ran.version, predictions)
