@@ -25,6 +25,8 @@ from models.retrain import RetrainRefused
 from store.jobs import Job
 from store.labels import ImageNotFoundError, InvalidLabelError
 
+from .open_inference import OipTooLargeError
+
 Message = dict[str, Any]
 Send = Callable[[Message], Awaitable[None]]
 
@@ -65,6 +67,7 @@ def error_body(message: str, **extra: Any) -> dict[str, Any]:
 #: The status of each kind of bad input; :class:`InputError` itself is 400.
 _INPUT_STATUS: tuple[tuple[type[InputError], int], ...] = (
     (ImageTooLargeError, 413),
+    (OipTooLargeError, 413),
     (ImageDecodeError, 422),
     (InvalidLabelError, 422),
     (RetrainRefused, 422),

@@ -38,6 +38,10 @@ MAX_TENSORS = 16
 MAX_ELEMENTS = 1 << 24
 #: At most this many dimensions in an input's shape.
 MAX_RANK = 8
+#: The largest JSON header taken (413 above): parsing JSON numbers makes a Python object per
+#: element, several times the bytes they came as, so large tensors must come as binary data. This
+#: still takes one image of the largest upload size as base64 in JSON.
+MAX_JSON_BYTES = 16 * 1024 * 1024
 
 #: The numeric datatypes and how their elements travel as binary data (little-endian, packed).
 NUMERIC_DTYPES: dict[str, np.dtype[Any]] = {
@@ -77,6 +81,10 @@ TensorData = np.ndarray | list[bytes]
 
 class OipError(InputError):
     """A request the protocol's server answers 400: the message says what to fix."""
+
+
+class OipTooLargeError(OipError):
+    """A request part over one of this module's size limits: answered 413."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +177,10 @@ def parse_infer_request(body: bytes, *, json_length: int | str | None) -> InferR
     Binary tensor data follows the JSON header in the order of the inputs that declare
     ``binary_data_size``, and must fill the rest of the body exactly."""
     header, binary = _split_body(body, json_length)
+    if len(header) > MAX_JSON_BYTES:
+        raise OipTooLargeError(f"the JSON header is {len(header)} bytes; at most {MAX_JSON_BYTES} are taken: send "
+                               "large tensors as binary data (Inference-Header-Content-Length and each input's "
+                               "binary_data_size)")
     document = _load_json(header, has_header_length=json_length is not None)
     if not isinstance(document, dict):
         raise OipError("the inference request must be a JSON object with \"inputs\"")

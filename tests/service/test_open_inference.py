@@ -19,9 +19,11 @@ from service.errors import api_error
 from service.open_inference import (
     EXTENSIONS,
     MAX_ELEMENTS,
+    MAX_JSON_BYTES,
     MAX_TENSORS,
     InferRequest,
     OipError,
+    OipTooLargeError,
     OutputTensor,
     RequestedOutput,
     check_outputs,
@@ -324,6 +326,21 @@ def test_an_oip_error_is_answered_400_with_the_protocols_error_body() -> None:
     assert isinstance(raised.value, InputError)
     error = api_error(raised.value)
     assert error.status == 400 and set(error.body()) == {"error"}
+
+
+def test_a_json_header_over_the_limit_is_413_before_it_is_parsed_with_a_hint_to_send_binary() -> None:
+    # JSON numbers become a Python object each: a body of "0,0,0,..." within the request limit
+    # would cost several times its size to parse, so large tensors must come as binary data.
+    numbers = b"0," * (MAX_JSON_BYTES // 2)
+    body = b'{"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [-1], "data": [' + numbers + b"0]}]}"
+    with pytest.raises(OipTooLargeError, match="binary data") as raised:
+        parse_infer_request(body, json_length=None)
+    assert api_error(raised.value).status == 413
+    header = json.dumps({"inputs": [{"name": "images", "datatype": "BYTES", "shape": [1],
+                                     "parameters": {"binary_data_size": 4}}]}).encode()
+    padded = header + b" " * (MAX_JSON_BYTES - len(header))  # at the limit, with binary data after it
+    request = parse_infer_request(padded + b"\x00\x00\x00\x00", json_length=len(padded))
+    assert request.inputs[0].data == [b""]
 
 
 # ---------------------------------------------------------------------------------------------
