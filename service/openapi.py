@@ -67,11 +67,13 @@ def _referenced(paths: dict[str, Any], schemas: dict[str, Any]) -> dict[str, Any
     return dict(sorted(found.items()))
 
 
-def _validation_errors(operation: dict[str, Any]) -> None:
+def _validation_errors(operation: dict[str, Any], *, unprocessable: bool) -> None:
+    """FastAPI's 422 on every route with parameters: worded as ours where the route can answer
+    it (``unprocessable``: a body that parses but cannot be used), removed where it cannot."""
     for status, response in list(operation["responses"].items()):
         schema = (response.get("content") or {}).get("application/json", {}).get("schema", {})
         if schema.get("$ref") == SCHEMAS + "HTTPValidationError":
-            if "requestBody" in operation:
+            if "requestBody" in operation and unprocessable:
                 operation["responses"][status] = _json(_ERROR, "Well-formed but unusable input")
             else:
                 del operation["responses"][status]
@@ -114,9 +116,10 @@ def complete_document(generated: dict[str, Any], predict_errors: Mapping[int, st
     ok = {str(status): response for status, response in predict["responses"].items()}["200"]
     predict["responses"] = {"200": ok, **{str(status): _json(_ERROR, text)
                                           for status, text in sorted(predict_errors.items())}}
-    for item in paths.values():
+    for path, item in paths.items():
         for operation in item.values():
-            _validation_errors(operation)
+            # the Open Inference Protocol answers every bad request 400, never 422
+            _validation_errors(operation, unprocessable=not path.startswith("/v2"))
     paths.update(_infrastructure(paths))
     if "/v2/" in paths:  # the mounted app's root: served at /v2 itself (service.open_inference_routes.RootPath)
         paths["/v2"] = paths.pop("/v2/")
