@@ -19,6 +19,7 @@ model and real HTTP clients.
 from __future__ import annotations
 
 import asyncio
+import base64
 import io
 import os
 import re
@@ -504,20 +505,35 @@ def test_the_internal_pickle_transport_is_not_reachable(client: httpx.Client) ->
 
 @pytest.mark.slow
 def test_not_ready_until_a_model_exists_then_ready_without_restart(tmp_path: Path) -> None:
+    # both protocols; /v2 under a model name of the operator's choosing
     home = tmp_path / "empty-home"
-    server = start_server(home, tmp_path / "serve.log")
+    server = start_server(home, tmp_path / "serve.log", {"TRANSFER_SERVE_OIP_MODEL_NAME": "espresso-or-not"})
+    coffee = (ROOT / "training/samples/coffee.jpg").read_bytes()
+    v2_infer = {"inputs": [{"name": "images", "datatype": "BYTES", "shape": [1], "parameters": {
+        "content_type": "base64"}, "data": [base64.b64encode(coffee).decode()]}], "outputs": [{"name": "label"}]}
     try:
         wait_until(server, "/livez")
         assert httpx.get(server.url + "/readyz").status_code == 503
         response = httpx.post(server.url + "/predict",
                               files=[("images", ("c.jpg", (ROOT / "training/samples/chelsea.jpg").read_bytes()))])
         assert response.status_code == 503 and "bootstrap" in response.json()["error"]
+        assert httpx.get(server.url + "/v2/health/live").status_code == 200
+        for response in (httpx.get(server.url + "/v2/health/ready"),
+                         httpx.get(server.url + "/v2/models/espresso-or-not/ready"),
+                         httpx.post(server.url + "/v2/models/espresso-or-not/infer", json=v2_infer)):
+            assert response.status_code == 503 and "bootstrap" in response.json()["error"], response.text
         subprocess.run([sys.executable, "-m", "training", "bootstrap"], cwd=ROOT,
                        env=subprocess_env(home), check=True, capture_output=True)
         wait_until(server, "/readyz", timeout=30)
         response = httpx.post(server.url + "/predict",
                               files=[("images", ("c.jpg", (ROOT / "training/samples/coffee.jpg").read_bytes()))])
         assert response.status_code == 200 and response.json()[0]["label"] == "espresso"
+        assert httpx.get(server.url + "/v2/health/ready").status_code == 200
+        answer = httpx.post(server.url + "/v2/models/espresso-or-not/infer", json=v2_infer)
+        assert answer.status_code == 200 and answer.json()["outputs"][0]["data"] == ["espresso"], answer.text
+        assert answer.json()["model_name"] == "espresso-or-not" and answer.json()["model_version"] == "v1"
+        unknown = httpx.get(server.url + "/v2/models/transfer-serve")
+        assert unknown.status_code == 404 and "'espresso-or-not'" in unknown.json()["error"]
         assert "serving model version v1" in server.log()
         assert "CPUExecutionProvider" in server.log()
     finally:
