@@ -383,8 +383,9 @@ def measure_http_round(tally: Tally, server: Server, images: Sequence[ImageFile]
     deltas = {
         "predict_sum": metrics.delta("request_duration_seconds_sum", endpoint="/predict"),
         "predict_count": metrics.delta("request_duration_seconds_count", endpoint="/predict"),
-        "infer_sum": metrics.delta("request_duration_seconds_sum", endpoint="/infer"),
-        "infer_count": metrics.delta("request_duration_seconds_count", endpoint="/infer"),
+        # the internal calls: /infer, or /infer_with_embeddings while predictions are kept
+        **{f"infer_{part}": sum(metrics.delta(f"request_duration_seconds_{part}", endpoint=endpoint)
+                                for endpoint in ("/infer", "/infer_with_embeddings")) for part in ("sum", "count")},
         "batch_sum": metrics.delta("adaptive_batch_size_sum"),
         "batch_count": metrics.delta("adaptive_batch_size_count"),
         # kept predictions (the keep setup): written, and dropped for any reason, in the window
