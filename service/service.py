@@ -76,8 +76,8 @@ class Inference:
 
     # Two batchable APIs, because BentoML batches per API: requests that need the embedding (kept
     # predictions, /v2 requests asking for it) share batches with each other, the rest with
-    # /predict. Returning the embedding with every batch made /predict measurably slower (the
-    # extra columns' copy and transfer; bench/README.md, "Open Inference Protocol").
+    # /predict, which then never copies, sends or parses embedding columns it does not use
+    # (what that saves is within the benchmark's spread: bench/README.md, "Open Inference Protocol").
     @bentoml.api(batchable=True, max_batch_size=settings.max_batch_size, max_latency_ms=settings.max_latency_ms)
     def infer(self, batch: np.ndarray) -> np.ndarray:
         """uint8 crops (N, S, S, 3) -> (N, 1 + C): column 0 is the number of the model version
