@@ -272,6 +272,17 @@ def _load_json(header: bytes, *, has_header_length: bool) -> Any:
         raise OipError(f"the JSON header does not parse: {exc}{hint}") from None
 
 
+def _named_object(raw: Any, which: str, fields: str) -> str:
+    """The name of a tensor's JSON object (an input, or an output asked for); ``which`` says
+    which one it is in the request, ``fields`` what the object should hold."""
+    if not isinstance(raw, dict):
+        raise OipError(f"{which} must be an object with {fields}, not {_kind(raw)}")
+    name = raw.get("name")
+    if not isinstance(name, str) or not name:
+        raise OipError(f"{which}: \"name\" must be a non-empty string")
+    return name
+
+
 def _kind(value: Any) -> str:
     """A JSON value's type, as a client would name it."""
     if value is None:
@@ -336,11 +347,7 @@ def _parse_shape(raw: Any, where: str) -> list[int]:
 def _parse_input(raw: Any, index: int, binary: bytes, offset: int, request_content_type: str | None,
                  has_header_length: bool) -> tuple[InputTensor, int]:
     """One input, and the offset in ``binary`` after its binary data (unchanged without any)."""
-    if not isinstance(raw, dict):
-        raise OipError(f"input {index} must be an object with name, datatype, shape and data, not {_kind(raw)}")
-    name = raw.get("name")
-    if not isinstance(name, str) or not name:
-        raise OipError(f"input {index}: \"name\" must be a non-empty string")
+    name = _named_object(raw, f"input {index}", "name, datatype, shape and data")
     where = f"input '{name}'"
     datatype = raw.get("datatype")
     if datatype not in DATATYPES:
@@ -486,11 +493,7 @@ def _parse_outputs(raw: Any, binary_data_output: bool) -> list[RequestedOutput] 
         raise OipError(f"{len(raw)} outputs requested: at most {MAX_TENSORS} are taken")
     outputs: list[RequestedOutput] = []
     for index, item in enumerate(raw):
-        if not isinstance(item, dict):
-            raise OipError(f"output {index} must be an object with a name, not {_kind(item)}")
-        name = item.get("name")
-        if not isinstance(name, str) or not name:
-            raise OipError(f"output {index}: \"name\" must be a non-empty string")
+        name = _named_object(item, f"output {index}", "a name")
         where = f"requested output '{name}'"
         if any(seen.name == name for seen in outputs):
             raise OipError(f"{where} is requested twice: name each output once")
