@@ -528,7 +528,7 @@ def test_not_ready_until_a_model_exists_then_ready_without_restart(tmp_path: Pat
         response = httpx.post(server.url + "/predict",
                               files=[("images", ("c.jpg", (ROOT / "training/samples/coffee.jpg").read_bytes()))])
         assert response.status_code == 200 and response.json()[0]["label"] == "espresso"
-        assert httpx.get(server.url + "/v2/health/ready").status_code == 200
+        wait_until(server, "/v2/health/ready", timeout=30)  # each HTTP worker follows the pointer on its own
         answer = httpx.post(server.url + "/v2/models/espresso-or-not/infer", json=v2_infer)
         assert answer.status_code == 200 and answer.json()["outputs"][0]["data"] == ["espresso"], answer.text
         assert answer.json()["model_name"] == "espresso-or-not" and answer.json()["model_version"] == "v1"
